@@ -1,0 +1,428 @@
+"""The engine API that the gRPC servicers call: durable ingestion, recommendations, catalog, admin.
+
+Path of a write:  ingest() -> validation -> writer queue -> one LMDB txn (log) -> apply to State -> ack.
+Path of a read:   recommend() -> Retriever (ids -> rows, filters) -> top-k backend -> ids.
+Recovery:         load the last checkpoint, replay the log after its watermark.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import codec
+from .config import EngineConfig
+from .errors import InvalidArgument, NotFound
+from .retrieval import Recommendation, RecommendQuery, Retriever
+from .state import State
+from .store import LogEntry, Store
+from .topk import get_backend
+from .types import Event, ItemSpec
+from .validation import Rejection, check_id, check_id_list, check_item_spec, check_k, split_events
+from .writer import GroupCommitWriter, Op
+
+log = logging.getLogger(__name__)
+
+_MODEL_VERSION_KEY = "model_version"
+_DIM_KEY = "dim"
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    first_seq: int = 0
+    durable_seq: int = 0
+
+
+@dataclass
+class UpsertResult:
+    created: int = 0
+    updated: int = 0
+    durable_seq: int = 0
+
+
+@dataclass
+class DeleteResult:
+    deleted: int = 0
+    not_found: list[str] = field(default_factory=list)
+    durable_seq: int = 0
+
+
+@dataclass
+class ItemView:
+    item_id: str
+    categories: list[str]
+    attributes: dict[str, str]
+    vector: np.ndarray
+    deleted: bool
+    interactions: int
+    popularity: float
+    last_event_ms: int
+
+
+@dataclass
+class UserView:
+    user_id: str
+    vector: np.ndarray  # unit query vector (zeros when the user has no positive interest yet)
+    history: list[tuple[str, int, float, int]]  # (item_id, type, value, timestamp_ms), most recent first
+    event_count: int
+    seen_items: int
+    last_event_ms: int
+
+
+class Engine:
+    def __init__(self, data_dir: str | Path, config: EngineConfig | None = None):
+        self.data_dir = Path(data_dir)
+        self.store = Store(self.data_dir, sync=(config or EngineConfig()).sync)
+        stored_dim = self.store.get_meta(_DIM_KEY)
+        config = config or EngineConfig()
+        if stored_dim is not None and int(stored_dim) != config.dim:
+            log.warning("data dir holds dimension %s; using it instead of the configured %d", stored_dim.decode(), config.dim)
+            config = EngineConfig(**{**config.__dict__, "dim": int(stored_dim)})
+        self.store.put_meta(_DIM_KEY, str(config.dim).encode())
+        self.config = config
+        self.limits = config.limits
+        self.state = State(config)
+        self.lock = threading.RLock()
+        self.backend = get_backend(config.backend)
+        self.retriever = Retriever(self.state, self.lock, self.backend)
+        self.started_at = time.time()
+        self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
+        self._last_checkpoint_at = time.monotonic()
+        self._records_since_checkpoint = 0
+        self.recovered_records = 0
+        self._recover()
+        self.writer = GroupCommitWriter(
+            self._commit_group, self._run_exclusive, self._maybe_checkpoint,
+            config.commit_queue_size, config.max_group_ops,
+        )
+        self.writer.start()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def model_version(self) -> str:
+        value = self.store.get_meta(_MODEL_VERSION_KEY)
+        return value.decode() if value else "none"
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self.state.items) == 0 and self.store.last_seq() == 0
+
+    def _recover(self) -> None:
+        started = time.perf_counter()
+        self.state.load(self.store.load_items(), self.store.load_users())
+        watermark = self.store.checkpoint_seq()
+        self.state.applied_seq = watermark
+        pending: list[Event] = []
+        replayed = 0
+        for seq, payload in self.store.iter_log(after_seq=watermark):
+            record = codec.decode(payload)
+            if isinstance(record, Event):
+                pending.append(record)
+            else:
+                self.state.apply_events(pending)
+                pending = []
+                if isinstance(record, ItemSpec):
+                    self.state.apply_upsert(record)
+                else:
+                    self.state.apply_delete(record.item_id)
+            self.state.applied_seq = seq
+            replayed += 1
+        self.state.apply_events(pending)
+        self.recovered_records = replayed
+        self._records_since_checkpoint = replayed
+        log.info(
+            "loaded checkpoint at seq %d (%d items, %d users) and replayed %d log records in %.2f s",
+            watermark, len(self.state.items), len(self.state.users), replayed, time.perf_counter() - started,
+        )
+        if replayed:
+            self._checkpoint()
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Drain queued writes and stop. checkpoint=False leaves the log unreplayed, as after a crash."""
+        self.writer.close(final_checkpoint=checkpoint)
+        self.store.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- bootstrap ------------------------------------------------------------------------------
+    def seed(self, items: list[ItemSpec], events: list[Event], user_ids: list[str], user_vectors: np.ndarray, model_version: str) -> None:
+        """Load a trained model and its training log into an empty engine in one checkpointed step."""
+        if not self.is_empty:
+            raise InvalidArgument("", "seed needs an empty data dir")
+        done = self.writer.submit("seed", (items, events, user_ids, user_vectors, model_version), timeout_s=60)
+        done.result()
+
+    # --- writes ---------------------------------------------------------------------------------
+    def ingest(self, events: list[Event], timeout_s: float = 30.0) -> IngestResult:
+        """Durably log and apply events. Returns once they are committed and visible to recommend()."""
+        return self.ingest_async(events).result(timeout_s)
+
+    def ingest_async(self, events: list[Event]) -> Future:
+        """Validate now, then queue for the writer; the future completes after commit and apply.
+        Lets one stream keep several batches in flight so they share group commits."""
+        good, rejected = split_events(events, self.limits)
+        done: Future = Future()
+
+        def finish(outcome: IngestResult) -> None:
+            outcome.rejections = sorted(rejected + outcome.rejections, key=lambda r: r.index)
+            self.counters["events_accepted"] += outcome.accepted
+            self.counters["events_rejected"] += len(outcome.rejections)
+            self.counters["events_duplicate"] += outcome.duplicates
+            done.set_result(outcome)
+
+        if not good:
+            finish(IngestResult(durable_seq=self.state.applied_seq))
+            return done
+
+        def chain(writer_future: Future) -> None:
+            error = writer_future.exception()
+            if error is not None:
+                done.set_exception(error)
+            else:
+                finish(writer_future.result())
+
+        self.writer.submit("events", good).add_done_callback(chain)
+        return done
+
+    def build_query(self, user_id: str, k: int | None, exclude_seen: bool = True, exclude_item_ids=(),
+                    include_categories=(), exclude_categories=(), request_id: str = "", user_field: str = "user_id") -> RecommendQuery:
+        """A validated query; every problem names the request field."""
+        limits = self.limits
+        return RecommendQuery(
+            user_id=check_id(user_field, user_id, limits),
+            k=check_k(k, limits, self.config.default_k),
+            exclude_seen=exclude_seen,
+            exclude_item_ids=check_id_list("exclude_item_ids", list(exclude_item_ids), limits),
+            include_categories=check_id_list("include_categories", list(include_categories), limits),
+            exclude_categories=check_id_list("exclude_categories", list(exclude_categories), limits),
+            request_id=request_id,
+        )
+
+    def upsert_items(self, specs: list[ItemSpec], timeout_s: float = 30.0) -> UpsertResult:
+        if not specs:
+            raise InvalidArgument("items", "must not be empty")
+        if len(specs) > self.limits.max_items_per_upsert:
+            raise InvalidArgument("items", f"at most {self.limits.max_items_per_upsert} items per call, got {len(specs)}")
+        for index, spec in enumerate(specs):
+            check_item_spec(index, spec, self.dim, self.limits)
+            if spec.vector is not None:
+                spec.vector = np.asarray(spec.vector, np.float32)
+        return self.writer.submit("upsert", specs).result(timeout_s)
+
+    def delete_items(self, item_ids: list[str], timeout_s: float = 30.0) -> DeleteResult:
+        if not item_ids:
+            raise InvalidArgument("item_ids", "must not be empty")
+        if len(item_ids) > self.limits.max_items_per_upsert:
+            raise InvalidArgument("item_ids", f"at most {self.limits.max_items_per_upsert} ids per call")
+        for index, item_id in enumerate(item_ids):
+            check_id(f"item_ids[{index}]", item_id, self.limits)
+        return self.writer.submit("delete", list(item_ids)).result(timeout_s)
+
+    def forget_user(self, user_id: str, timeout_s: float = 60.0) -> int:
+        check_id("user_id", user_id, self.limits)
+        if self.state.users.row_of(user_id) is None:
+            raise NotFound("user_id", f"unknown user '{user_id}'")
+        return self.writer.submit("forget", user_id).result(timeout_s)
+
+    def checkpoint(self, timeout_s: float = 120.0) -> int:
+        """Force a checkpoint now; returns its watermark."""
+        return self.writer.submit("checkpoint", None).result(timeout_s)
+
+    # --- writer thread ---------------------------------------------------------------------------
+    def _commit_group(self, group: list[Op]) -> None:
+        """Validate against current state, write one transaction, apply, complete futures."""
+        items = self.state.items
+        pending_live: dict[str, bool] = {}  # item liveness as changed by earlier ops of this group
+        entries: list[LogEntry] = []
+        plan: list[tuple[Op, object]] = []  # (op, record) for each entry, in order
+        results: dict[int, object] = {}
+        for op in group:
+            if op.kind == "events":
+                result = results[id(op)] = IngestResult()
+                for index, event in op.payload:
+                    live = pending_live.get(event.item_id, items.is_live(event.item_id))
+                    if not live:
+                        known = event.item_id in pending_live or items.row_of(event.item_id) is not None
+                        reason = f"item '{event.item_id}' is deleted" if known else f"unknown item '{event.item_id}'"
+                        result.rejections.append(Rejection(index, event.event_id, "item_id", reason))
+                        continue
+                    entries.append(LogEntry(codec.encode_event(event), event.event_id, event.user_id))
+                    plan.append((op, event))
+            elif op.kind == "upsert":
+                result = results[id(op)] = UpsertResult()
+                for spec in op.payload:
+                    entries.append(LogEntry(codec.encode_upsert(spec)))
+                    plan.append((op, spec))
+                    pending_live[spec.item_id] = True
+            elif op.kind == "delete":
+                result = results[id(op)] = DeleteResult()
+                for item_id in dict.fromkeys(op.payload):
+                    if pending_live.get(item_id, items.is_live(item_id)):
+                        entries.append(LogEntry(codec.encode_delete(item_id)))
+                        plan.append((op, codec.DeleteItem(item_id)))
+                        pending_live[item_id] = False
+                    else:
+                        result.not_found.append(item_id)
+            else:
+                raise AssertionError(f"unexpected op {op.kind}")
+        seqs = self.store.append_log(entries) if entries else []
+        durable = self.store.last_seq()
+        with self.lock:
+            batch: list[Event] = []
+            for (op, record), seq in zip(plan, seqs):
+                result = results[id(op)]
+                if isinstance(record, Event):
+                    if seq is None:
+                        result.duplicates += 1
+                        continue
+                    batch.append(record)
+                    result.accepted += 1
+                    result.first_seq = result.first_seq or seq
+                    continue
+                self.state.apply_events(batch)
+                batch = []
+                if isinstance(record, ItemSpec):
+                    if self.state.apply_upsert(record):
+                        result.created += 1
+                    else:
+                        result.updated += 1
+                else:
+                    self.state.apply_delete(record.item_id)
+                    result.deleted += 1
+            self.state.apply_events(batch)
+            self.state.applied_seq = durable
+        self._records_since_checkpoint += sum(seq is not None for seq in seqs)
+        for op in group:
+            result = results[id(op)]
+            result.durable_seq = durable
+            op.future.set_result(result)
+
+    def _run_exclusive(self, op: Op):
+        if op.kind == "checkpoint":
+            return self._checkpoint()
+        if op.kind == "forget":
+            erased = self.store.forget_user(op.payload)
+            with self.lock:
+                self.state.users.forget(op.payload)
+            # Popularity already counted the erased events; checkpoint now so a replay after a crash
+            # starts from the same aggregates instead of recounting without them.
+            self._checkpoint()
+            return erased
+        if op.kind == "seed":
+            return self._seed(*op.payload)
+        raise AssertionError(f"unexpected op {op.kind}")
+
+    def _seed(self, items: list[ItemSpec], events: list[Event], user_ids, user_vectors, model_version: str) -> None:
+        entries = [LogEntry(codec.encode_upsert(spec)) for spec in items]
+        entries += [LogEntry(codec.encode_event(e), e.event_id, e.user_id) for e in events]
+        self.store.append_log(entries)
+        with self.lock:
+            for spec in items:
+                self.state.apply_upsert(spec)
+            self.state.seed_users(events, user_ids, np.asarray(user_vectors, np.float32))
+            self.state.applied_seq = self.store.last_seq()
+        self.store.put_meta(_MODEL_VERSION_KEY, model_version.encode())
+        self._checkpoint()
+
+    def _checkpoint(self) -> int:
+        started = time.perf_counter()
+        with self.lock:
+            item_records, user_records, forgotten = self.state.dirty_records()
+            watermark = self.state.applied_seq
+        self.store.write_checkpoint(item_records, user_records, forgotten, watermark)
+        with self.lock:
+            self.state.clear_dirty()
+        self._last_checkpoint_at = time.monotonic()
+        self._records_since_checkpoint = 0
+        log.info("checkpoint at seq %d: %d items, %d users written in %.1f ms", watermark, len(item_records),
+                 len(user_records), (time.perf_counter() - started) * 1e3)
+        return watermark
+
+    def _maybe_checkpoint(self, final: bool) -> None:
+        due = (time.monotonic() - self._last_checkpoint_at >= self.config.checkpoint_interval_s
+               or self._records_since_checkpoint >= self.config.checkpoint_every_records)
+        if self._records_since_checkpoint and (final or due):
+            self._checkpoint()
+
+    # --- reads ------------------------------------------------------------------------------------
+    def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
+        results = self.retriever.recommend(queries)
+        self.counters["recommendations"] += len(queries)
+        return results
+
+    def similar_items(self, query: RecommendQuery, item_id: str) -> Recommendation:
+        check_id("item_id", item_id, self.limits)
+        with self.lock:
+            row = self.state.items.row_of(item_id)
+            if row is None or not self.state.items.live[row]:
+                raise NotFound("item_id", f"unknown item '{item_id}'" if row is None else f"item '{item_id}' is deleted")
+        result = self.retriever.similar(row, query)
+        result.strategy = "similar"
+        return result
+
+    def get_item(self, item_id: str) -> ItemView:
+        check_id("item_id", item_id, self.limits)
+        items = self.state.items
+        with self.lock:
+            row = items.row_of(item_id)
+            if row is None:
+                raise NotFound("item_id", f"unknown item '{item_id}'")
+            return ItemView(
+                item_id, list(items.categories[row]), dict(items.attributes[row]), items.vectors[row].copy(),
+                not bool(items.live[row]), int(items.interactions[row]),
+                items.popularity_at(row, int(time.time() * 1000)), int(items.last_event_ms[row]),
+            )
+
+    def get_user(self, user_id: str, history_limit: int = 20) -> UserView:
+        check_id("user_id", user_id, self.limits)
+        users, items = self.state.users, self.state.items
+        with self.lock:
+            row = users.row_of(user_id)
+            if row is None:
+                raise NotFound("user_id", f"unknown user '{user_id}'")
+            vector = users.query_vector(row)
+            recent = list(users.history[row])[::-1][:history_limit]
+            return UserView(
+                user_id, vector if vector is not None else np.zeros(self.dim, np.float32),
+                [(items.ids[r], t, v, ts) for r, t, v, ts in recent], int(users.event_counts[row]),
+                len(users.seen[row]), int(users.last_event_ms[row]),
+            )
+
+    def stats(self) -> dict:
+        with self.lock:
+            items = self.state.items
+            live = items.live_count
+            store_stats = self.store.stats()
+            return {
+                "dim": self.dim,
+                "items": live,
+                "deleted_items": len(items) - live,
+                "users": len(self.state.users),
+                "log_events": store_stats.get("log", 0),
+                "last_seq": self.store.last_seq(),
+                "checkpoint_seq": self.store.checkpoint_seq(),
+                "applied_seq": self.state.applied_seq,
+                "embedding_version": self.state.embedding_version,
+                "model_version": self.model_version,
+                "backend": self.backend.name,
+                "uptime_s": time.time() - self.started_at,
+                "write_queue": self.writer.pending,
+                "recovered_records": self.recovered_records,
+                **self.counters,
+            }

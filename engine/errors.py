@@ -1,0 +1,25 @@
+"""Engine exceptions. Each names the request field at fault; the server maps the class to a gRPC status."""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+class InvalidArgument(EngineError):
+    pass
+
+
+class NotFound(EngineError):
+    pass
+
+
+class ResourceExhausted(EngineError):
+    pass
+
+
+class Unavailable(EngineError):
+    pass

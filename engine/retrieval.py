@@ -1,0 +1,128 @@
+"""Turns recommendation requests into one batched top-k call: resolves ids to rows, builds the
+filter arrays the kernels read, and splits personalised queries from cold-start (popularity) ones."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .state import State
+from .topk import Filters, TopKBackend
+
+
+@dataclass
+class RecommendQuery:
+    user_id: str
+    k: int
+    exclude_seen: bool = True
+    exclude_item_ids: list[str] = field(default_factory=list)
+    include_categories: list[str] = field(default_factory=list)
+    exclude_categories: list[str] = field(default_factory=list)
+    request_id: str = ""
+
+
+@dataclass
+class Recommendation:
+    request_id: str
+    user_id: str
+    item_ids: list[str]
+    scores: np.ndarray  # float32, descending
+    categories: list[list[str]]
+    strategy: str  # "personalized" | "popular"
+
+
+@dataclass
+class _Prepared:
+    """What a batch needs from the state, captured under the lock so the search can run without it."""
+
+    vectors: np.ndarray
+    live: np.ndarray
+    category_bits: np.ndarray
+    queries: list[np.ndarray | None]
+    excluded: list[list[int]]
+    include: np.ndarray
+    exclude: np.ndarray
+
+
+class Retriever:
+    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend):
+        self.state = state
+        self.lock = lock
+        self.backend = backend
+
+    def _prepare(self, queries: list[RecommendQuery], vectors_for: list[np.ndarray | None] | None = None) -> _Prepared:
+        items, users = self.state.items, self.state.users
+        n = len(items)
+        words = items.words
+        include = np.zeros((len(queries), words), np.uint64)
+        exclude = np.zeros((len(queries), words), np.uint64)
+        query_vectors: list[np.ndarray | None] = []
+        excluded: list[list[int]] = []
+        for q_index, query in enumerate(queries):
+            row = users.row_of(query.user_id)
+            rows: list[int] = []
+            if vectors_for is not None:
+                query_vectors.append(vectors_for[q_index])
+            else:
+                query_vectors.append(users.query_vector(row) if row is not None else None)
+            if row is not None and query.exclude_seen:
+                rows.extend(users.seen[row])
+            rows.extend(r for r in (items.row_of(i) for i in query.exclude_item_ids) if r is not None)
+            excluded.append(rows)
+            include[q_index] = items.category_mask(query.include_categories)
+            exclude[q_index] = items.category_mask(query.exclude_categories)
+            if query.include_categories and not include[q_index].any():
+                # Every requested category is unknown: nothing can match. An impossible bit pattern
+                # would need an extra word, so mark it by excluding all live rows instead.
+                rows.extend(np.flatnonzero(items.live[:n]).tolist())
+        return _Prepared(items.vectors[:n], items.live[:n].copy(), items.category_bits[:n], query_vectors, excluded, include, exclude)
+
+    def _filters(self, prepared: _Prepared, picks: list[int]) -> Filters:
+        counts = [len(prepared.excluded[p]) for p in picks]
+        indptr = np.zeros(len(picks) + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        rows = np.fromiter((r for p in picks for r in prepared.excluded[p]), np.int64, int(indptr[-1]))
+        return Filters(
+            valid=prepared.live, exclude_indptr=indptr, exclude_rows=rows, item_cats=prepared.category_bits,
+            include_cats=prepared.include[picks], exclude_cats=prepared.exclude[picks],
+        )
+
+    def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
+        with self.lock:
+            prepared = self._prepare(queries)
+            popularity = self.state.items.popularity_scores()
+        return self._search(queries, prepared, popularity)
+
+    def similar(self, item_row: int, query: RecommendQuery) -> Recommendation:
+        with self.lock:
+            vector = self.state.items.vectors[item_row].copy()
+            prepared = self._prepare([query], vectors_for=[vector])
+            prepared.excluded[0].append(item_row)
+        return self._search([query], prepared, None)[0]
+
+    def _search(self, queries: list[RecommendQuery], prepared: _Prepared, popularity: np.ndarray | None) -> list[Recommendation]:
+        results: list[Recommendation | None] = [None] * len(queries)
+        personal = [i for i, v in enumerate(prepared.queries) if v is not None]
+        popular = [i for i, v in enumerate(prepared.queries) if v is None]
+        if personal:
+            k = max(queries[i].k for i in personal)
+            matrix = np.stack([prepared.queries[i] for i in personal]).astype(np.float32)
+            rows, scores = self.backend.search(matrix, prepared.vectors, k, self._filters(prepared, personal))
+            for j, i in enumerate(personal):
+                results[i] = self._result(queries[i], rows[j], scores[j], "personalized")
+        if popular:
+            k = max(queries[i].k for i in popular)
+            rows, scores = self.backend.rank_scores(popularity, k, self._filters(prepared, popular))
+            for j, i in enumerate(popular):
+                results[i] = self._result(queries[i], rows[j], scores[j], "popular")
+        return results  # type: ignore[return-value]
+
+    def _result(self, query: RecommendQuery, rows: np.ndarray, scores: np.ndarray, strategy: str) -> Recommendation:
+        keep = rows[: query.k] >= 0
+        rows, scores = rows[: query.k][keep], scores[: query.k][keep]
+        items = self.state.items
+        return Recommendation(
+            request_id=query.request_id, user_id=query.user_id, item_ids=[items.ids[r] for r in rows],
+            scores=scores.astype(np.float32), categories=[list(items.categories[r]) for r in rows], strategy=strategy,
+        )

@@ -1,0 +1,67 @@
+"""First start: fill an empty data dir with a dataset and a quick factorisation of it, atomically
+(built in a side folder and renamed), so a crash mid-seed never leaves a half-seeded store."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bootstrap import factorize
+from .config import EngineConfig
+from .engine import Engine
+from .types import Dataset, ItemSpec
+
+log = logging.getLogger(__name__)
+
+STORE_FOLDER = "lmdb"
+
+
+def load_dataset(name: str, seed: int = 0) -> Dataset:
+    from . import datasets
+
+    if name == "ml-100k":
+        return datasets.load_ml100k()
+    if name == "synthetic":
+        return datasets.synthetic(seed=seed)
+    raise ValueError(f"unknown dataset '{name}' (choose ml-100k, synthetic or none)")
+
+
+def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0) -> str:
+    """Factorise the dataset and load items, events and user vectors into an empty engine."""
+    started = time.perf_counter()
+    catalog_ids = list(dataset.item_categories)
+    factors = factorize(dataset.interactions, dim=engine.dim, seed=seed, item_ids=catalog_ids)
+    vectors = dict(zip(factors.item_ids, factors.item_vectors))
+    specs = []
+    for item_id in catalog_ids:
+        vector = vectors.get(item_id)
+        specs.append(ItemSpec(
+            item_id, list(dataset.item_categories[item_id]), dict(dataset.item_attributes.get(item_id, {})),
+            vector if vector is not None and np.any(vector) else None,  # no interactions: derive from categories
+        ))
+    events = list(dataset.interactions.events(f"{dataset.name}-"))
+    model_version = f"svd-{dataset.name}-d{engine.dim}-s{seed}"
+    engine.seed(specs, events, factors.user_ids, factors.user_vectors, model_version)
+    log.info("seeded %s: %d items, %d users, %d events, model %s in %.1f s", dataset.name, len(specs),
+             len(factors.user_ids), len(events), model_version, time.perf_counter() - started)
+    return model_version
+
+
+def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none", seed: int = 0) -> Engine:
+    """Open <data_dir>/lmdb, seeding it with `dataset` first if it does not exist yet."""
+    data_dir = Path(data_dir)
+    store_dir = data_dir / STORE_FOLDER
+    if not (store_dir / "data.mdb").exists() and dataset != "none":
+        data = load_dataset(dataset, seed)
+        staging = data_dir / f"{STORE_FOLDER}.seeding"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        log.info("empty data dir: seeding it with %s", dataset)
+        with Engine(staging, config) as engine:
+            seed_engine(engine, data, seed)
+        staging.rename(store_dir)
+    log.info("opening %s", store_dir)
+    return Engine(store_dir, config)

@@ -1,0 +1,565 @@
+"""LMDB persistence: the write-ahead log, idempotency keys, and checkpoints of item and user state.
+
+One LMDB environment (a folder) holds these named databases:
+
+=============  ======================================  ==============================================
+name           key                                     value
+=============  ======================================  ==============================================
+log            seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
+idem           event_id                                seq (u64 BE) of the record that carried it
+user_log       user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
+items          item_id                                 packed ItemRecord metadata (no vector)
+item_vectors   row (u32 BE)                            float32 little-endian vector
+item_rows      row (u32 BE)                            item_id utf-8 (keeps rows unique)
+users          user_id                                 packed UserRecord
+meta           str                                     bytes (last_seq, checkpoint_seq, anything)
+=============  ======================================  ==============================================
+
+Keys are the UTF-8 id, except that the empty id becomes ``b"\\xfe"`` and ids longer than LMDB's
+511-byte key limit become ``b"\\xff" + blake2b-256(id)``: neither byte occurs in UTF-8, so these
+never collide with a plain id. Records keep the full id in their value.
+
+Recovery contract: the state after a crash is "checkpoint (items, users) + replay of every log
+record with seq > checkpoint_seq()". Sequence numbers are never reused: ``meta["last_seq"]`` keeps
+the high-water mark even when forget_user erases the newest records.
+
+Thread-safety contract: the engine calls every write method (append_log, write_checkpoint,
+forget_user, put_meta) from a single writer thread; reads (load_*, iter_log) happen at start-up.
+Concurrent readers are still safe: each read is its own LMDB read transaction, nothing is cached,
+and a gate keeps transactions out while the map is being resized (LMDB requires that no
+transaction of this process is open during ``set_mapsize``). Never share a Store across fork().
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+
+from streamrec.engine import codec
+from streamrec.engine.types import Event
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HISTORY_DTYPE", "ItemRecord", "UserRecord", "LogEntry", "Store"]
+
+HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
+
+_T = TypeVar("_T")
+
+_SEQ = struct.Struct(">Q")
+_ROW = struct.Struct(">I")
+# version, flags (bit 0: deleted), row, popularity, last_event_ms, interactions
+_ITEM_HDR = struct.Struct("<BBIdqq")
+# version, dim, len(seen), len(history), event_count, last_event_ms
+_USER_HDR = struct.Struct("<BIIIqqq")  # ..., event_count, last_event_ms, positive_count
+_RECORD_VERSION = 1
+_ITEM_DELETED = 1
+
+_MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE, also the limit for dupsort values
+_EMPTY_KEY = b"\xfe"
+_HASHED_KEY = b"\xff"
+
+_STORE_FORMAT = b"\x01"
+_META_FORMAT = "store_format"
+_META_LAST_SEQ = "last_seq"
+_META_CHECKPOINT = "checkpoint_seq"
+RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT})
+
+_DBS: dict[str, dict[str, bool]] = {
+    "log": {},
+    "idem": {},
+    "user_log": {"dupsort": True, "dupfixed": True},
+    "items": {},
+    "item_vectors": {},
+    "item_rows": {},
+    "users": {},
+    "meta": {},
+}
+
+_ITER_CHUNK = 4096  # log records per read transaction in iter_log
+
+
+@dataclass
+class ItemRecord:
+    item_id: str
+    row: int
+    categories: list[str]
+    attributes: dict[str, str]
+    deleted: bool
+    vector: np.ndarray | None  # float32 [d]
+    popularity: float  # time-decayed positive-event count
+    last_event_ms: int
+    interactions: int
+
+
+@dataclass
+class UserRecord:
+    user_id: str
+    vector: np.ndarray  # float32 [d] (unnormalised accumulator)
+    seen: np.ndarray  # int32 item rows the user interacted with (sorted unique)
+    history: np.ndarray  # HISTORY_DTYPE, most recent last
+    event_count: int
+    last_event_ms: int
+    positive_count: int = 0  # events that expressed interest: zero means "serve popular items"
+
+
+@dataclass(slots=True)
+class LogEntry:
+    payload: bytes
+    event_id: str | None = None  # idempotency key; None or "" means "no key"
+    user_id: str | None = None  # indexes the record for forget_user
+
+
+def _key(s: str) -> bytes:
+    b = s.encode("utf-8")
+    if not b:
+        return _EMPTY_KEY
+    if len(b) > _MAX_KEY:
+        return _HASHED_KEY + hashlib.blake2b(b, digest_size=32).digest()
+    return b
+
+
+# --- record packing ---------------------------------------------------------------------------
+
+
+def _pack_item(rec: ItemRecord) -> bytes:
+    try:
+        head = _ITEM_HDR.pack(
+            _RECORD_VERSION,
+            _ITEM_DELETED if rec.deleted else 0,
+            rec.row,
+            rec.popularity,
+            rec.last_event_ms,
+            rec.interactions,
+        )
+    except struct.error as exc:
+        raise ValueError(f"cannot pack item {rec.item_id!r}: {exc}") from exc
+    return b"".join(
+        (head, codec.encode_str(rec.item_id), codec.encode_str_list(rec.categories), codec.encode_str_map(rec.attributes))
+    )
+
+
+def _unpack_item(raw: bytes, vector: np.ndarray | None) -> ItemRecord:
+    version, flags, row, popularity, last_ms, interactions = _ITEM_HDR.unpack_from(raw, 0)
+    if version != _RECORD_VERSION:
+        raise ValueError(f"unsupported item record version {version}")
+    item_id, off = codec.decode_str(raw, _ITEM_HDR.size)
+    categories, off = codec.decode_str_list(raw, off)
+    attributes, off = codec.decode_str_map(raw, off)
+    if off != len(raw):
+        raise ValueError(f"item record {item_id!r} has trailing bytes")
+    return ItemRecord(item_id, row, categories, attributes, bool(flags & _ITEM_DELETED), vector, popularity, last_ms, interactions)
+
+
+def _pack_user(rec: UserRecord) -> bytes:
+    vec = codec.vector_to_bytes(rec.vector)
+    seen = codec.array_to_bytes(rec.seen, "<i4")
+    history = np.asarray(rec.history)
+    if history.dtype != HISTORY_DTYPE:
+        if history.dtype.names != HISTORY_DTYPE.names:
+            raise ValueError(f"user {rec.user_id!r}: history dtype {history.dtype} is not HISTORY_DTYPE")
+        history = history.astype(HISTORY_DTYPE)
+    if history.ndim != 1:
+        raise ValueError(f"user {rec.user_id!r}: history must be 1-D")
+    try:
+        head = _USER_HDR.pack(
+            _RECORD_VERSION, len(vec) // 4, len(seen) // 4, len(history), rec.event_count, rec.last_event_ms,
+            rec.positive_count,
+        )
+    except struct.error as exc:
+        raise ValueError(f"cannot pack user {rec.user_id!r}: {exc}") from exc
+    return b"".join((head, codec.encode_str(rec.user_id), vec, seen, history.tobytes()))
+
+
+def _unpack_user(raw: bytes) -> UserRecord:
+    version, dim, n_seen, n_hist, event_count, last_ms, positive_count = _USER_HDR.unpack_from(raw, 0)
+    if version != _RECORD_VERSION:
+        raise ValueError(f"unsupported user record version {version}")
+    user_id, off = codec.decode_str(raw, _USER_HDR.size)
+    end = off + 4 * dim + 4 * n_seen + HISTORY_DTYPE.itemsize * n_hist
+    if end != len(raw):
+        raise ValueError(f"user record {user_id!r} has length {len(raw)}, expected {end}")
+    vector = codec.vector_from_bytes(raw, dim, off)
+    off += 4 * dim
+    seen = codec.array_from_bytes(raw, "<i4", n_seen, off).astype(np.int32, copy=False)
+    off += 4 * n_seen
+    history = codec.array_from_bytes(raw, HISTORY_DTYPE, n_hist, off)
+    return UserRecord(user_id, vector, seen, history, event_count, last_ms, positive_count)
+
+
+# --- resize gate ------------------------------------------------------------------------------
+
+
+class _ResizeGate:
+    """Any number of transactions at once, but set_mapsize runs only when none is open."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# --- store ------------------------------------------------------------------------------------
+
+
+class Store:
+    """The LMDB environment of one engine. See the module docstring for layout and contracts."""
+
+    def __init__(self, path: str | Path, *, sync: bool = True, initial_map_size: int = 64 << 20) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(
+            str(self.path), map_size=initial_map_size, max_dbs=16, subdir=True, sync=sync, readahead=False
+        )
+        self._closed = False
+        max_key = self._env.max_key_size()
+        if max_key < _MAX_KEY:  # ids are hashed to fit _MAX_KEY; a smaller build would reject keys
+            self._env.close()
+            raise RuntimeError(f"LMDB built with max key size {max_key} < {_MAX_KEY}")
+        self._gate = _ResizeGate()
+        # An existing environment may already be larger than initial_map_size; LMDB adopts its size.
+        self._map_size: int = self._env.info()["map_size"]
+
+        def open_dbs(txn: lmdb.Transaction) -> dict[str, object]:
+            dbs = {name: self._env.open_db(name.encode(), txn=txn, **flags) for name, flags in _DBS.items()}
+            fmt = txn.get(_META_FORMAT.encode(), db=dbs["meta"])
+            if fmt is None:
+                txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
+            elif fmt != _STORE_FORMAT:
+                raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
+            return dbs
+
+        try:
+            dbs = self._write(open_dbs)
+        except BaseException:
+            self._env.close()
+            raise
+        self._log = dbs["log"]
+        self._idem = dbs["idem"]
+        self._user_log = dbs["user_log"]
+        self._items = dbs["items"]
+        self._item_vectors = dbs["item_vectors"]
+        self._item_rows = dbs["item_rows"]
+        self._users = dbs["users"]
+        self._meta = dbs["meta"]
+        self._dbs = dbs
+
+    # --- lifecycle ---
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._gate.exclusive():  # let in-flight transactions finish first
+            self._closed = True
+            self._env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Force data to disk; only needed when opened with sync=False."""
+        self._env.sync(True)
+
+    # --- transaction helpers ---
+
+    def _write(self, fn: Callable[[lmdb.Transaction], _T]) -> _T:
+        """Run fn in one write transaction; when the map is full, abort, double the map, rerun fn.
+
+        fn must therefore be re-runnable: it may only read its arguments, never consume iterators
+        or mutate caller state.
+        """
+        while True:
+            attempt_size = self._map_size
+            try:
+                with self._gate.shared(), self._env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow(attempt_size)
+
+    def _grow(self, seen_size: int) -> None:
+        with self._gate.exclusive():
+            if self._map_size != seen_size:  # another writer already grew it
+                return
+            new_size = self._map_size * 2
+            self._env.set_mapsize(new_size)
+            self._map_size = self._env.info()["map_size"]
+        logger.info("LMDB map full at %d bytes; grew to %d", seen_size, self._map_size)
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        with self._gate.shared(), self._env.begin(write=False) as txn:
+            yield txn
+
+    def _last_seq_txn(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_META_LAST_SEQ.encode(), db=self._meta)
+        meta_seq = _SEQ.unpack(raw)[0] if raw is not None else 0
+        cur = txn.cursor(db=self._log)
+        log_seq = _SEQ.unpack(cur.key())[0] if cur.last() else 0
+        return max(meta_seq, log_seq)
+
+    # --- log ---
+
+    def last_seq(self) -> int:
+        """Highest seq ever assigned (0 when nothing was ever appended)."""
+        with self._read() as txn:
+            return self._last_seq_txn(txn)
+
+    def append_log(self, entries: Sequence[LogEntry]) -> list[int | None]:
+        """Append entries in ONE write transaction (group commit); durable on return when sync=True.
+
+        Returns the seq of each entry, or None for an entry whose event_id was already in the
+        store or appeared earlier in this same call (it is not written).
+        """
+        entries = list(entries)
+        if not entries:
+            return []
+        log, idem, user_log, meta = self._log, self._idem, self._user_log, self._meta
+        pack = _SEQ.pack
+
+        def fn(txn: lmdb.Transaction) -> list[int | None]:
+            put = txn.put
+            start = seq = self._last_seq_txn(txn)
+            out: list[int | None] = []
+            for e in entries:
+                sb = pack(seq + 1)
+                # put(overwrite=False) is the existence check too; it also catches repeats within
+                # this call, since the earlier one is already in the transaction.
+                if e.event_id and not put(_key(e.event_id), sb, overwrite=False, db=idem):
+                    out.append(None)
+                    continue
+                seq += 1
+                put(sb, e.payload, append=True, db=log)
+                if e.user_id is not None:
+                    put(_key(e.user_id), sb, db=user_log)
+                out.append(seq)
+            if seq != start:
+                put(_META_LAST_SEQ.encode(), pack(seq), db=meta)
+            return out
+
+        return self._write(fn)
+
+    def iter_log(self, after_seq: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Yield (seq, payload) with seq > after_seq in seq order.
+
+        Reads in chunks, one read transaction each, so a long replay neither pins old pages nor
+        holds the resize gate while the consumer works. Records appended or erased during
+        iteration may or may not be seen; each chunk is consistent.
+        """
+        nxt = max(after_seq, 0) + 1
+        while nxt <= 0xFFFF_FFFF_FFFF_FFFF:
+            batch: list[tuple[int, bytes]] = []
+            with self._read() as txn:
+                cur = txn.cursor(db=self._log)
+                if cur.set_range(_SEQ.pack(nxt)):
+                    for k, v in cur.iternext():
+                        batch.append((_SEQ.unpack(k)[0], v))
+                        if len(batch) >= _ITER_CHUNK:
+                            break
+            yield from batch
+            if len(batch) < _ITER_CHUNK:
+                return
+            nxt = batch[-1][0] + 1
+
+    def log_count(self) -> int:
+        with self._read() as txn:
+            return txn.stat(self._log)["entries"]
+
+    # --- checkpoint ---
+
+    def write_checkpoint(
+        self,
+        items: Iterable[ItemRecord],
+        users: Iterable[UserRecord],
+        deleted_user_ids: Iterable[str],
+        watermark_seq: int,
+        meta: dict[str, bytes] | None = None,
+    ) -> None:
+        """In ONE transaction: upsert items (metadata + vector) and users, delete the listed users
+        (deletion wins over an upsert of the same user), set extra meta and checkpoint_seq.
+
+        watermark_seq must be within [0, last_seq()]: a watermark beyond the log would make
+        recovery skip records appended later.
+        """
+        extra = dict(meta or {})
+        reserved = RESERVED_META & extra.keys()
+        if reserved:
+            raise ValueError(f"reserved meta keys: {sorted(reserved)}")
+        # Pack outside the transaction: less time holding the writer lock, and a bad record fails
+        # before anything is written. Materialised lists also keep retries after MapFullError exact.
+        packed_items = [
+            (
+                _key(it.item_id),
+                it.item_id.encode("utf-8"),
+                it.row,
+                _pack_item(it),
+                codec.vector_to_bytes(it.vector) if it.vector is not None else None,
+            )
+            for it in items
+        ]
+        packed_users = [(_key(u.user_id), _pack_user(u)) for u in users]
+        deleted_keys = [_key(uid) for uid in deleted_user_ids]
+        packed_meta = [(k.encode("utf-8"), bytes(v)) for k, v in extra.items()]
+        watermark = int(watermark_seq)
+
+        def fn(txn: lmdb.Transaction) -> None:
+            last = self._last_seq_txn(txn)
+            if not 0 <= watermark <= last:
+                raise ValueError(f"checkpoint watermark {watermark} outside [0, last_seq={last}]")
+            for key, id_bytes, row, packed, vec in packed_items:
+                self._put_item(txn, key, id_bytes, row, packed, vec)
+            for key, packed in packed_users:
+                txn.put(key, packed, db=self._users)
+            for key in deleted_keys:
+                txn.delete(key, db=self._users)
+            for key, value in packed_meta:
+                txn.put(key, value, db=self._meta)
+            txn.put(_META_CHECKPOINT.encode(), _SEQ.pack(watermark), db=self._meta)
+
+        self._write(fn)
+
+    def _put_item(
+        self, txn: lmdb.Transaction, key: bytes, id_bytes: bytes, row: int, packed: bytes, vec: bytes | None
+    ) -> None:
+        rk = _ROW.pack(row)
+        old = txn.get(key, db=self._items)
+        if old is not None:
+            old_row = _ITEM_HDR.unpack_from(old, 0)[2]
+            if old_row != row:  # the item moved: free its old row
+                old_rk = _ROW.pack(old_row)
+                txn.delete(old_rk, db=self._item_rows)
+                txn.delete(old_rk, db=self._item_vectors)
+        owner = txn.get(rk, db=self._item_rows)
+        if owner is None:
+            txn.put(rk, id_bytes, db=self._item_rows)
+        elif owner != id_bytes:
+            raise ValueError(
+                f"row {row} of item {id_bytes.decode('utf-8')!r} already belongs to {owner.decode('utf-8')!r}"
+            )
+        txn.put(key, packed, db=self._items)
+        if vec is None:
+            txn.delete(rk, db=self._item_vectors)
+        else:
+            txn.put(rk, vec, db=self._item_vectors)
+
+    def checkpoint_seq(self) -> int:
+        """Log records with seq <= this are reflected in the stored items/users (0 if never)."""
+        raw = self.get_meta(_META_CHECKPOINT)
+        return _SEQ.unpack(raw)[0] if raw is not None else 0
+
+    def load_items(self) -> list[ItemRecord]:
+        """Every item record (deleted ones included), sorted by row."""
+        out: list[ItemRecord] = []
+        with self._read() as txn:
+            for _, raw in txn.cursor(db=self._items).iternext():
+                rec = _unpack_item(raw, None)
+                vec = txn.get(_ROW.pack(rec.row), db=self._item_vectors)
+                if vec is not None:
+                    rec.vector = codec.vector_from_bytes(vec)
+                out.append(rec)
+        out.sort(key=lambda r: r.row)
+        return out
+
+    def load_users(self) -> list[UserRecord]:
+        with self._read() as txn:
+            return [_unpack_user(raw) for _, raw in txn.cursor(db=self._users).iternext()]
+
+    # --- erasure ---
+
+    def forget_user(self, user_id: str) -> int:
+        """In ONE transaction erase the user's record, every log record indexed under the user,
+        the idempotency keys of those records and the user's user_log entries.
+
+        Returns the number of log records erased. The idempotency keys go too (they are the
+        user's data as well), so a later resend of a forgotten event_id is accepted as new.
+        Seqs of erased records are never reassigned.
+        """
+        ukey = _key(user_id)
+
+        def fn(txn: lmdb.Transaction) -> int:
+            # Pin the high-water mark before erasing what may be the newest records.
+            txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(self._last_seq_txn(txn)), db=self._meta)
+            cur = txn.cursor(db=self._user_log)
+            seqs = list(cur.iternext_dup(keys=False)) if cur.set_key(ukey) else []
+            erased = 0
+            for sb in seqs:
+                payload = txn.pop(sb, db=self._log)
+                if payload is None:
+                    continue
+                erased += 1
+                if payload and payload[0] == codec.RecordKind.EVENT:
+                    ev = codec.decode(payload)
+                    if isinstance(ev, Event) and ev.event_id:
+                        ik = _key(ev.event_id)
+                        if txn.get(ik, db=self._idem) == sb:
+                            txn.delete(ik, db=self._idem)
+            if seqs:
+                txn.delete(ukey, db=self._user_log)  # no value: all duplicates of the key
+            txn.delete(ukey, db=self._users)
+            return erased
+
+        return self._write(fn)
+
+    # --- meta & stats ---
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._read() as txn:
+            return txn.get(key.encode("utf-8"), db=self._meta)
+
+    def put_meta(self, key: str, value: bytes) -> None:
+        if key in RESERVED_META:
+            raise ValueError(f"meta key {key!r} is managed by the store")
+        k, v = key.encode("utf-8"), bytes(value)
+        self._write(lambda txn: txn.put(k, v, db=self._meta))
+
+    def stats(self) -> dict[str, int]:
+        """Entries per database, map_size, used_bytes (pages in use), last_seq, checkpoint_seq."""
+        with self._read() as txn:
+            out = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
+            out["last_seq"] = self._last_seq_txn(txn)
+            raw = txn.get(_META_CHECKPOINT.encode(), db=self._meta)
+            out["checkpoint_seq"] = _SEQ.unpack(raw)[0] if raw is not None else 0
+            info = self._env.info()
+            out["map_size"] = info["map_size"]
+            out["used_bytes"] = (info["last_pgno"] + 1) * self._env.stat()["psize"]
+        return out

@@ -1,0 +1,92 @@
+"""The user side of the in-memory state: unnormalised preference accumulators, full seen sets and a
+bounded recent history per user."""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from .catalog import _grow
+
+HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
+
+
+class UserTable:
+    def __init__(self, dim: int, history_len: int):
+        self.dim = dim
+        self.history_len = history_len
+        self.rows: dict[str, int] = {}
+        self.ids: list[str | None] = []
+        self.free_rows: list[int] = []  # rows of forgotten users, reused
+        self.accumulators = np.zeros((0, dim), np.float32)
+        self.last_event_ms = np.zeros(0, np.int64)
+        self.event_counts = np.zeros(0, np.int64)
+        self.positive_counts = np.zeros(0, np.int64)
+        self.seen: list[set[int]] = []
+        self.history: list[deque] = []
+        self.dirty: set[str] = set()
+        self.forgotten: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row_of(self, user_id: str) -> int | None:
+        return self.rows.get(user_id)
+
+    def ensure(self, user_id: str) -> int:
+        row = self.rows.get(user_id)
+        if row is not None:
+            return row
+        if self.free_rows:
+            row = self.free_rows.pop()
+            self.ids[row] = user_id
+        else:
+            row = len(self.ids)
+            if row >= len(self.accumulators):
+                self.accumulators = _grow(self.accumulators, row + 1)
+                self.last_event_ms = _grow(self.last_event_ms, row + 1)
+                self.event_counts = _grow(self.event_counts, row + 1)
+                self.positive_counts = _grow(self.positive_counts, row + 1)
+            self.ids.append(user_id)
+            self.seen.append(set())
+            self.history.append(deque(maxlen=self.history_len))
+        self.rows[user_id] = row
+        self.accumulators[row] = 0
+        self.last_event_ms[row] = 0
+        self.event_counts[row] = 0
+        self.positive_counts[row] = 0
+        self.seen[row] = set()
+        self.history[row] = deque(maxlen=self.history_len)
+        self.forgotten.discard(user_id)
+        return row
+
+    def record(self, row: int, item_row: int, event_type: int, value: float, timestamp_ms: int, positive: bool) -> None:
+        self.seen[row].add(item_row)
+        self.history[row].append((item_row, event_type, value, timestamp_ms))
+        self.event_counts[row] += 1
+        self.positive_counts[row] += positive  # last_event_ms is the online rule's: it needs the previous one
+        self.dirty.add(self.ids[row])
+
+    def forget(self, user_id: str) -> bool:
+        row = self.rows.pop(user_id, None)
+        if row is None:
+            return False
+        self.ids[row] = None
+        self.accumulators[row] = 0
+        self.seen[row] = set()
+        self.history[row] = deque(maxlen=self.history_len)
+        self.free_rows.append(row)
+        self.dirty.discard(user_id)
+        self.forgotten.add(user_id)
+        return True
+
+    def query_vector(self, row: int) -> np.ndarray | None:
+        """Unit query vector, or None when the user has expressed no positive interest yet."""
+        if self.positive_counts[row] == 0:
+            return None
+        vector = self.accumulators[row].astype(np.float64)
+        norm = np.linalg.norm(vector)
+        return (vector / norm).astype(np.float32) if norm > 1e-12 else None
+
+    def history_array(self, row: int) -> np.ndarray:
+        return np.array(list(self.history[row]), dtype=HISTORY_DTYPE)

@@ -1,0 +1,115 @@
+"""Checks on client input that need no engine state. Each failure names the field at fault."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Limits
+from .errors import InvalidArgument
+from .types import Event, EventType, ItemSpec
+
+_VALID_TYPES = frozenset(int(t) for t in EventType)
+
+
+@dataclass(slots=True)
+class Rejection:
+    index: int
+    event_id: str
+    field: str
+    reason: str
+
+
+def id_problem(value: str, limits: Limits) -> str | None:
+    """Why an id is unusable, or None. Control characters are refused: ids end up in logs and keys."""
+    if not value:
+        return "must not be empty"
+    if len(value.encode("utf-8", "surrogatepass")) > limits.max_id_bytes:
+        return f"longer than {limits.max_id_bytes} bytes"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "contains control characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid unicode (lone surrogate)"
+    return None
+
+
+def check_id(field: str, value: str, limits: Limits) -> str:
+    problem = id_problem(value, limits)
+    if problem:
+        raise InvalidArgument(field, problem)
+    return value
+
+
+def check_k(k: int | None, limits: Limits, default: int) -> int:
+    if k is None:
+        return default
+    if k < 1 or k > limits.max_k:
+        raise InvalidArgument("k", f"must be between 1 and {limits.max_k}, got {k}")
+    return k
+
+
+def check_id_list(field: str, values, limits: Limits) -> list[str]:
+    if len(values) > limits.max_filter_ids:
+        raise InvalidArgument(field, f"at most {limits.max_filter_ids} ids, got {len(values)}")
+    return [check_id(f"{field}[{i}]", v, limits) for i, v in enumerate(values)]
+
+
+def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] | None:
+    """(field, reason) for an unacceptable event, or None."""
+    for field in ("event_id", "user_id", "item_id"):
+        problem = id_problem(getattr(event, field), limits)
+        if problem:
+            return field, problem
+    if int(event.type) not in _VALID_TYPES:
+        return "type", f"unknown event type {int(event.type)}"
+    if not math.isfinite(event.value):
+        return "value", "must be a finite number"
+    if event.type == EventType.RATING and not (0.0 <= event.value <= 5.0):
+        return "value", f"a rating must be within 0..5, got {event.value}"
+    if event.timestamp_ms < limits.min_timestamp_ms:
+        return "timestamp_ms", f"must not be before {limits.min_timestamp_ms}"
+    if event.timestamp_ms > now_ms + limits.max_future_ms:
+        return "timestamp_ms", "is more than a day in the future"
+    return None
+
+
+def split_events(events: list[Event], limits: Limits) -> tuple[list[tuple[int, Event]], list[Rejection]]:
+    """Separate well-formed events (with their batch index) from rejected ones; fill absent timestamps."""
+    if len(events) > limits.max_events_per_batch:
+        raise InvalidArgument("events", f"at most {limits.max_events_per_batch} events per batch, got {len(events)}")
+    now_ms = int(time.time() * 1000)
+    good: list[tuple[int, Event]] = []
+    rejected: list[Rejection] = []
+    for index, event in enumerate(events):
+        if event.timestamp_ms == 0:
+            event.timestamp_ms = now_ms  # stored in the log, so replay sees the same time
+        problem = event_problem(event, limits, now_ms)
+        if problem:
+            rejected.append(Rejection(index, event.event_id, *problem))
+        else:
+            good.append((index, event))
+    return good, rejected
+
+
+def check_item_spec(index: int, spec: ItemSpec, dim: int, limits: Limits) -> None:
+    prefix = f"items[{index}]"
+    check_id(f"{prefix}.item_id", spec.item_id, limits)
+    if len(spec.categories) > limits.max_categories_per_item:
+        raise InvalidArgument(f"{prefix}.categories", f"at most {limits.max_categories_per_item} categories")
+    for j, category in enumerate(spec.categories):
+        check_id(f"{prefix}.categories[{j}]", category, limits)
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in spec.attributes.items())
+    if size > limits.max_attribute_bytes:
+        raise InvalidArgument(f"{prefix}.attributes", f"larger than {limits.max_attribute_bytes} bytes")
+    if spec.vector is not None:
+        vector = np.asarray(spec.vector, dtype=np.float64)
+        if vector.shape != (dim,):
+            raise InvalidArgument(f"{prefix}.embedding", f"must have dimension {dim}, got {vector.size}")
+        if not np.all(np.isfinite(vector)):
+            raise InvalidArgument(f"{prefix}.embedding", "must contain only finite numbers")
+        if not np.any(vector):
+            raise InvalidArgument(f"{prefix}.embedding", "must not be all zeros (cosine needs a direction)")

@@ -1,0 +1,179 @@
+from streamrec.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Item(_message.Message):
+    __slots__ = ("item_id", "categories", "attributes", "embedding", "deleted", "interactions", "popularity", "last_event_ms")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIONS_FIELD_NUMBER: _ClassVar[int]
+    POPULARITY_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_MS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    attributes: _containers.ScalarMap[str, str]
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    deleted: bool
+    interactions: int
+    popularity: float
+    last_event_ms: int
+    def __init__(self, item_id: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., embedding: _Optional[_Iterable[float]] = ..., deleted: _Optional[bool] = ..., interactions: _Optional[int] = ..., popularity: _Optional[float] = ..., last_event_ms: _Optional[int] = ...) -> None: ...
+
+class UpsertItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class UpsertItemsResponse(_message.Message):
+    __slots__ = ("created", "updated", "durable_seq")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    created: int
+    updated: int
+    durable_seq: int
+    def __init__(self, created: _Optional[int] = ..., updated: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+
+class DeleteItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteItemsResponse(_message.Message):
+    __slots__ = ("deleted", "not_found", "durable_seq")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    durable_seq: int
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+
+class GetItemRequest(_message.Message):
+    __slots__ = ("item_id", "include_embedding")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    include_embedding: bool
+    def __init__(self, item_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ...) -> None: ...
+
+class GetUserRequest(_message.Message):
+    __slots__ = ("user_id", "include_embedding", "history_limit")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    include_embedding: bool
+    history_limit: int
+    def __init__(self, user_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., history_limit: _Optional[int] = ...) -> None: ...
+
+class HistoryEntry(_message.Message):
+    __slots__ = ("item_id", "type", "value", "timestamp_ms")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    type: _common_pb2.EventType
+    value: float
+    timestamp_ms: int
+    def __init__(self, item_id: _Optional[str] = ..., type: _Optional[_Union[_common_pb2.EventType, str]] = ..., value: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+
+class User(_message.Message):
+    __slots__ = ("user_id", "embedding", "history", "event_count", "seen_items", "last_event_ms")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEEN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_MS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    history: _containers.RepeatedCompositeFieldContainer[HistoryEntry]
+    event_count: int
+    seen_items: int
+    last_event_ms: int
+    def __init__(self, user_id: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., history: _Optional[_Iterable[_Union[HistoryEntry, _Mapping]]] = ..., event_count: _Optional[int] = ..., seen_items: _Optional[int] = ..., last_event_ms: _Optional[int] = ...) -> None: ...
+
+class ForgetUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class ForgetUserResponse(_message.Message):
+    __slots__ = ("events_erased",)
+    EVENTS_ERASED_FIELD_NUMBER: _ClassVar[int]
+    events_erased: int
+    def __init__(self, events_erased: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_k", "max_events_per_batch", "max_requests_per_batch", "max_filter_ids", "max_id_bytes", "max_items_per_upsert")
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ID_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_PER_UPSERT_FIELD_NUMBER: _ClassVar[int]
+    max_k: int
+    max_events_per_batch: int
+    max_requests_per_batch: int
+    max_filter_ids: int
+    max_id_bytes: int
+    max_items_per_upsert: int
+    def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    LOG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    items: int
+    deleted_items: int
+    users: int
+    log_events: int
+    last_seq: int
+    checkpoint_seq: int
+    served_by: _common_pb2.ServedBy
+    uptime_s: float
+    limits: Limits
+    events_accepted: int
+    events_rejected: int
+    events_duplicate: int
+    recommendations: int
+    data_dir: str
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...

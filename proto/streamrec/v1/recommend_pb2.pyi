@@ -1,0 +1,102 @@
+from streamrec.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RerankOptions(_message.Message):
+    __slots__ = ("enabled", "candidates")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    candidates: int
+    def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    k: int
+    exclude_seen: bool
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    include_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_categories: _containers.RepeatedScalarFieldContainer[str]
+    rerank: RerankOptions
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("request_id", "user_id", "items", "strategy", "served_by", "server_latency_us", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: str
+    items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
+    strategy: str
+    served_by: _common_pb2.ServedBy
+    server_latency_us: int
+    error: Status
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., strategy: _Optional[str] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ...) -> None: ...
+
+class RecommendBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[RecommendResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[RecommendResponse, _Mapping]]] = ...) -> None: ...
+
+class SimilarItemsRequest(_message.Message):
+    __slots__ = ("request_id", "item_id", "k", "include_categories", "exclude_categories")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    item_id: str
+    k: int
+    include_categories: _containers.RepeatedScalarFieldContainer[str]
+    exclude_categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SimilarItemsResponse(_message.Message):
+    __slots__ = ("request_id", "item_id", "items", "served_by", "server_latency_us")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    item_id: str
+    items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
+    served_by: _common_pb2.ServedBy
+    server_latency_us: int
+    def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., server_latency_us: _Optional[int] = ...) -> None: ...
