@@ -27,7 +27,10 @@ Thread-safety contract: the engine calls every write method (append_log, write_c
 forget_user, put_meta) from a single writer thread; reads (load_*, iter_log) happen at start-up.
 Concurrent readers are still safe: each read is its own LMDB read transaction, nothing is cached,
 and a gate keeps transactions out while the map is being resized (LMDB requires that no
-transaction of this process is open during ``set_mapsize``). Never share a Store across fork().
+transaction of this process is open during ``set_mapsize``). Never share a Store across fork(),
+and open the folder from one process at a time (another process's map growth is not adopted).
+Keep readers from spinning while the writer runs: with py-lmdb 3 a write-transaction abort (the
+MapFullError path) waits for other threads' in-flight LMDB calls, so back-to-back reads starve it.
 """
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ _SEQ = struct.Struct(">Q")
 _ROW = struct.Struct(">I")
 # version, flags (bit 0: deleted), row, popularity, last_event_ms, interactions
 _ITEM_HDR = struct.Struct("<BBIdqq")
-# version, dim, len(seen), len(history), event_count, last_event_ms
-_USER_HDR = struct.Struct("<BIIIqqq")  # ..., event_count, last_event_ms, positive_count
+# version, dim, len(seen), len(history), event_count, last_event_ms, positive_count
+_USER_HDR = struct.Struct("<BIIIqqq")
 _RECORD_VERSION = 1
 _ITEM_DELETED = 1
 
@@ -528,7 +531,11 @@ class Store:
                     continue
                 erased += 1
                 if payload and payload[0] == codec.RecordKind.EVENT:
-                    ev = codec.decode(payload)
+                    try:
+                        ev = codec.decode(payload)
+                    except ValueError:  # erase it anyway; only its idempotency key can't be found
+                        logger.warning("forget_user: undecodable log record %d", _SEQ.unpack(sb)[0])
+                        continue
                     if isinstance(ev, Event) and ev.event_id:
                         ik = _key(ev.event_id)
                         if txn.get(ik, db=self._idem) == sb:

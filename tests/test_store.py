@@ -69,7 +69,12 @@ def assert_item_equal(a: ItemRecord, b: ItemRecord) -> None:
 
 
 def assert_user_equal(a: UserRecord, b: UserRecord) -> None:
-    assert (a.user_id, a.event_count, a.last_event_ms) == (b.user_id, b.event_count, b.last_event_ms)
+    assert (a.user_id, a.event_count, a.last_event_ms, a.positive_count) == (
+        b.user_id,
+        b.event_count,
+        b.last_event_ms,
+        b.positive_count,
+    )
     assert b.vector.dtype == np.float32 and a.vector.astype(np.float32).tobytes() == b.vector.tobytes()
     assert b.seen.dtype == np.int32 and np.array_equal(a.seen, b.seen)
     assert b.history.dtype == HISTORY_DTYPE and a.history.tobytes() == b.history.tobytes()
@@ -86,7 +91,7 @@ def make_user(uid: str, dim: int = 4, n: int = 3) -> UserRecord:
     hist["type"] = 2
     hist["value"] = 1.5
     hist["ts"] = np.arange(n, dtype=np.int64) * 1000
-    return UserRecord(uid, np.full(dim, 0.25, np.float32), np.arange(n, dtype=np.int32), hist, n, 1000 * n)
+    return UserRecord(uid, np.full(dim, 0.25, np.float32), np.arange(n, dtype=np.int32), hist, n, 1000 * n, n // 2)
 
 
 def ev_entry(eid: str, uid: str = "u", iid: str = "i", ts: int = 0) -> LogEntry:
@@ -234,9 +239,10 @@ history_arrays = hnp.arrays(
     history_arrays,
     st.integers(0, 2**63 - 1),
     st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 2**63 - 1),
 )
-def test_user_pack_roundtrip_property(uid, vec, seen, hist, count, last) -> None:
-    rec = UserRecord(uid, vec, seen, hist, count, last)
+def test_user_pack_roundtrip_property(uid, vec, seen, hist, count, last, positive) -> None:
+    rec = UserRecord(uid, vec, seen, hist, count, last, positive)
     assert_user_equal(rec, store_mod._unpack_user(store_mod._pack_user(rec)))
 
 
@@ -456,7 +462,7 @@ def test_map_growth_keeps_all_data(tmp_path: Path) -> None:
         log = list(s.iter_log())
         assert len(log) == 2000 - sum(1 for i in range(200) if i % 7 == 3) * 10
         assert all(p.startswith(blob) for _, p in log)
-        assert len(s.load_items()) == 300 and len(s.load_users()) == 50
+        assert len(s.load_items()) == 300 and len(s.load_users()) == 49  # u3 was forgotten
         assert_item_equal(items[123], s.load_items()[123])
         assert s.append_log([LogEntry(blob * 50, "more")]) == [2001]
 
@@ -472,6 +478,10 @@ def test_concurrent_readers_during_resizes(tmp_path: Path) -> None:
                     seqs = [seq for seq, _ in s.iter_log()]
                     assert seqs == list(range(1, len(seqs) + 1))
                     s.stats()
+                    # Pause between reads: py-lmdb 3 makes a write-txn abort (our MapFullError path)
+                    # wait for other threads' in-flight calls, so back-to-back readers starve it.
+                    # The engine itself reads only at start-up.
+                    stop.wait(0.002)
             except BaseException as exc:  # surfaced in the main thread
                 errors.append(exc)
 

@@ -1,0 +1,49 @@
+"""Run `streamrec serve` as a separate process, so tests can SIGKILL it like a real crash."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from streamrec.clients.client import StreamrecClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, dataset: str = "synthetic", dim: int = 16, port: int | None = None):
+        self.data_dir, self.dataset, self.dim = data_dir, dataset, dim
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self, timeout_s: float = 90.0) -> "ServerProcess":
+        args = [sys.executable, "-m", "streamrec.server.cli", "serve", "--port", str(self.port), "--data-dir",
+                str(self.data_dir), "--dataset", self.dataset, "--dim", str(self.dim)]
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+        with StreamrecClient(self.address) as client:
+            try:
+                client.wait_until_serving(timeout_s)
+            except TimeoutError:
+                self.kill()
+                raise RuntimeError(f"server did not start; log:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
