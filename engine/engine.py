@@ -90,6 +90,8 @@ class Engine:
         self.config = config
         self.limits = config.limits
         self.state = State(config)
+        # Cached: every response reports it, and request threads should not read LMDB.
+        self._model_version = (self.store.get_meta(_MODEL_VERSION_KEY) or b"none").decode()
         self.lock = threading.RLock()
         self.backend = get_backend(config.backend)
         self.retriever = Retriever(self.state, self.lock, self.backend)
@@ -112,8 +114,7 @@ class Engine:
 
     @property
     def model_version(self) -> str:
-        value = self.store.get_meta(_MODEL_VERSION_KEY)
-        return value.decode() if value else "none"
+        return self._model_version
 
     @property
     def is_empty(self) -> bool:
@@ -338,6 +339,7 @@ class Engine:
             self.state.seed_users(events, user_ids, np.asarray(user_vectors, np.float32))
             self.state.applied_seq = self.store.last_seq()
         self.store.put_meta(_MODEL_VERSION_KEY, model_version.encode())
+        self._model_version = model_version
         self._checkpoint()
 
     def _checkpoint(self) -> int:
