@@ -9,6 +9,8 @@ import sys
 import grpc
 from google.protobuf import json_format
 
+from streamrec.v1 import catalog_pb2
+
 from .client import StreamrecClient, make_event
 
 DEFAULT_ADDRESS = os.environ.get("STREAMREC_ADDRESS", "127.0.0.1:50051")
@@ -40,22 +42,51 @@ def cmd_similar(args, client: StreamrecClient) -> None:
         print(f"{rank:4d}. {item.item_id:<20} {item.score:8.4f}  {', '.join(item.categories)}")
 
 
-def cmd_send_events(args, client: StreamrecClient) -> None:
-    if args.file:
-        from streamrec.engine.datasets import load_interactions_file
+def _file_events(path: str, id_prefix: str):
+    """Events from a CSV/Parquet log, with ids PREFIX<row> so that loading the file twice is a no-op."""
+    from streamrec.engine.datasets import load_interactions_file
 
-        log = load_interactions_file(args.file)
-        events = (make_event(u, i, int(t), float(v), int(ts), event_id=f"{args.id_prefix}{n}")
-                  for n, (u, i, t, v, ts) in enumerate(zip(log.user_ids, log.item_ids, log.types, log.values, log.timestamps_ms)))
-    else:
-        if not (args.user and args.item):
-            raise SystemExit("send-events needs --user and --item, or --file")
-        events = iter([make_event(args.user, args.item, args.type, args.value, event_id=args.event_id)])
-    result = client.send_events(events, batch_size=args.batch_size, timeout_s=args.timeout)
+    log = load_interactions_file(path)
+    return [make_event(str(u), str(i), int(t), float(v), int(ts), event_id=f"{id_prefix}{n}")
+            for n, (u, i, t, v, ts) in enumerate(zip(log.user_ids, log.item_ids, log.types, log.values, log.timestamps_ms))]
+
+
+def _report(result) -> None:
     print(f"acked {result.batches} batch(es): {result.accepted} accepted, {result.duplicates} duplicate, "
           f"{len(result.rejections)} rejected; durable up to seq {result.durable_seq}")
     for rejection in result.rejections[:20]:
         print(f"  rejected event {rejection.event_id!r}: {rejection.field}: {rejection.reason}")
+
+
+def cmd_send_events(args, client: StreamrecClient) -> None:
+    if args.file:
+        events = _file_events(args.file, args.id_prefix)
+    elif args.user and args.item:
+        events = [make_event(args.user, args.item, args.type, args.value, event_id=args.event_id)]
+    else:
+        raise SystemExit("send-events needs --user and --item, or --file")
+    _report(client.send_events(events, batch_size=args.batch_size, timeout_s=args.timeout))
+
+
+def cmd_load(args, client: StreamrecClient) -> None:
+    """Import an interaction log. With --create-items, items the server does not know are created
+    (embedding derived from the catalog) and their events sent again under the same ids."""
+    events = _file_events(args.file, args.id_prefix)
+    result = client.send_events(events, batch_size=args.batch_size, timeout_s=args.timeout)
+    unknown = [r for r in result.rejections if r.field == "item_id" and r.reason.startswith("unknown item")]
+    if args.create_items and unknown:
+        by_id = {e.event_id: e for e in events}
+        retry = [by_id[r.event_id] for r in unknown]
+        new_items = sorted({e.item_id for e in retry})
+        for start in range(0, len(new_items), 1000):
+            client.upsert_items([catalog_pb2.Item(item_id=i) for i in new_items[start:start + 1000]])
+        print(f"created {len(new_items)} unknown item(s); resending their {len(retry)} event(s)")
+        second = client.send_events(retry, batch_size=args.batch_size, timeout_s=args.timeout)
+        result.accepted += second.accepted
+        result.duplicates += second.duplicates
+        result.rejections = [r for r in result.rejections if r not in unknown] + list(second.rejections)
+        result.durable_seq = max(result.durable_seq, second.durable_seq)
+    _report(result)
 
 
 def cmd_stats(args, client: StreamrecClient) -> None:
@@ -94,6 +125,12 @@ def register(subparsers) -> None:
     p.add_argument("--event-id", default=None, help="idempotency key (default: random)")
     p.add_argument("--file", help="CSV/Parquet with user_id,item_id[,type,value,timestamp]")
     p.add_argument("--id-prefix", default="load-", help="event ids for --file rows are PREFIX<row>: re-sending is a no-op")
+    p.add_argument("--batch-size", type=int, default=500)
+
+    p = add("load", cmd_load, "import a CSV/Parquet interaction log (user_id,item_id[,type,value,timestamp])")
+    p.add_argument("file")
+    p.add_argument("--create-items", action="store_true", help="create items the server does not know yet")
+    p.add_argument("--id-prefix", default="load-", help="event ids are PREFIX<row>: loading twice is a no-op")
     p.add_argument("--batch-size", type=int, default=500)
 
     add("stats", cmd_stats, "server statistics")

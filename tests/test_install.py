@@ -1,0 +1,35 @@
+"""The install is consistent and serving stays free of training-only packages."""
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import subprocess
+import sys
+
+import pytest
+
+
+def installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def test_onnxruntime_flavours_are_not_mixed():
+    # Both distributions install into the same `onnxruntime` package and break each other.
+    assert not (installed("onnxruntime") and installed("onnxruntime-gpu"))
+
+
+@pytest.mark.parametrize("dist, module", [("cupy-cuda12x", "cupy"), ("onnxruntime-gpu", "onnxruntime"), ("onnxruntime", "onnxruntime")])
+def test_installed_optional_packages_import(dist, module):
+    if not installed(dist):
+        pytest.skip(f"{dist} not installed (optional extra)")
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=120)
+
+
+def test_serving_never_imports_torch():
+    code = ("import sys, streamrec.server.app, streamrec.clients.client, streamrec.engine.seeding; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
+    assert out.strip() == "[]"
