@@ -37,4 +37,8 @@ class EngineConfig:
     commit_queue_size: int = 4096  # pending write operations before RESOURCE_EXHAUSTED
     max_group_ops: int = 512  # operations folded into one LMDB transaction
     sync: bool = True  # fsync every commit: acks promise durability
+    # Dynamic batching of concurrent recommendation requests into one kernel call.
+    max_batch: int = 256
+    max_wait_us: int = 500  # only waited when recent batches show concurrency
+    recommend_queue_size: int = 8192  # waiting requests before RESOURCE_EXHAUSTED
     limits: Limits = field(default_factory=Limits)

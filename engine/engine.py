@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import codec
+from .batcher import MicroBatcher
 from .config import EngineConfig
 from .errors import InvalidArgument, NotFound
 from .retrieval import Recommendation, RecommendQuery, Retriever
@@ -106,6 +107,8 @@ class Engine:
             config.commit_queue_size, config.max_group_ops,
         )
         self.writer.start()
+        self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
+            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size)
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -152,6 +155,7 @@ class Engine:
 
     def close(self, checkpoint: bool = True) -> None:
         """Drain queued writes and stop. checkpoint=False leaves the log unreplayed, as after a crash."""
+        self.batcher.close()
         self.writer.close(final_checkpoint=checkpoint)
         self.store.close()
 
@@ -363,10 +367,15 @@ class Engine:
             self._checkpoint()
 
     # --- reads ------------------------------------------------------------------------------------
-    def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
-        results = self.retriever.recommend(queries)
-        self.counters["recommendations"] += len(queries)
-        return results
+    def recommend(self, queries: list[RecommendQuery], deadline: float | None = None) -> list[Recommendation]:
+        """Answers in query order. Queries join whatever concurrent requests form the next kernel batch;
+        `deadline` (time.monotonic()) drops them if they would start too late."""
+        futures = [self.recommend_async(q, deadline) for q in queries]
+        return [f.result() for f in futures]
+
+    def recommend_async(self, query: RecommendQuery, deadline: float | None = None) -> Future:
+        self.counters["recommendations"] += 1
+        return self.batcher.submit(query, deadline)
 
     def similar_items(self, query: RecommendQuery, item_id: str) -> Recommendation:
         check_id("item_id", item_id, self.limits)
@@ -426,5 +435,7 @@ class Engine:
                 "uptime_s": time.time() - self.started_at,
                 "write_queue": self.writer.pending,
                 "recovered_records": self.recovered_records,
+                "recommend_batch_sizes": self.batcher.histogram.snapshot(),
+                "recommend_batches": self.batcher.histogram.batches,
                 **self.counters,
             }

@@ -6,7 +6,7 @@ import numpy as np
 
 from .catalog import ItemCatalog
 from .config import EngineConfig
-from .online import apply_events_reference
+from .cpu.update import apply_events as apply_update_kernel
 from .store import ItemRecord, UserRecord
 from .types import Event, ItemSpec, event_weight, is_positive
 from .users import HISTORY_DTYPE, UserTable
@@ -34,7 +34,7 @@ class State:
         item_rows = np.fromiter((items.rows[e.item_id] for e in events), np.int64, len(events))
         weights = np.fromiter((event_weight(e.type, e.value) for e in events), np.float32, len(events))
         timestamps = np.fromiter((e.timestamp_ms for e in events), np.int64, len(events))
-        apply_events_reference(
+        apply_update_kernel(  # bit-identical to online.apply_events_reference
             users.accumulators, users.last_event_ms, items.vectors, user_rows, item_rows, weights, timestamps,
             self.user_half_life_ms, self.config.user_decay_floor,
         )

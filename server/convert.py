@@ -97,4 +97,6 @@ def stats_message(engine: Engine) -> catalog_pb2.StatsResponse:
         events_accepted=stats["events_accepted"], events_rejected=stats["events_rejected"],
         events_duplicate=stats["events_duplicate"], recommendations=stats["recommendations"],
         data_dir=str(engine.data_dir),
+        recommend_batch_sizes=stats["recommend_batch_sizes"], recommend_batches=stats["recommend_batches"],
+        write_queue=stats["write_queue"],
     )

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from streamrec.engine.batcher import DeadlineExceeded
 from streamrec.engine.errors import EngineError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ _CODES = {
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, EngineError):
         return _CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+    if isinstance(error, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request could be served"
     if isinstance(error, concurrent.futures.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the write was not committed in time; it may still be applied (resend with the same event_id)"
     log.exception("internal error", exc_info=error)

@@ -36,6 +36,11 @@ class EngineHolder:
         return self._engine
 
 
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def _micros_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1e6)
 
@@ -92,7 +97,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def Recommend(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
-        result = engine.recommend([convert.query_from(engine, request)])[0]
+        result = engine.recommend([convert.query_from(engine, request)], _deadline(context))[0]
         return convert.recommend_response(engine, result, _micros_since(started))
 
     @unary
@@ -107,7 +112,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
                 queries.append(convert.query_from(engine, item))
             except EngineError as error:
                 raise type(error)(f"requests[{index}].{error.field}", error.message) from None
-        results = engine.recommend(queries) if queries else []
+        results = engine.recommend(queries, _deadline(context)) if queries else []
         latency = _micros_since(started)
         return recommend_pb2.RecommendBatchResponse(
             responses=[convert.recommend_response(engine, r, latency) for r in results])
@@ -115,11 +120,29 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     @streaming
     def RecommendStream(self, request_iterator, context):
         engine = self.holder.get()
-        for request in request_iterator:
-            started = time.perf_counter()
+        inflight: queue.Queue = queue.Queue(maxsize=MAX_INFLIGHT_BATCHES)
+
+        def read_requests() -> None:
+            # Submitting ahead lets this stream's requests share kernel batches; answers keep request order.
             try:
-                result = engine.recommend([convert.query_from(engine, request)])[0]
-                yield convert.recommend_response(engine, result, _micros_since(started))
+                for request in request_iterator:
+                    started = time.perf_counter()
+                    try:
+                        pending = engine.recommend_async(convert.query_from(engine, request))
+                    except EngineError as error:
+                        pending = Future()
+                        pending.set_exception(error)
+                    inflight.put((request, started, pending))
+            except grpc.RpcError:
+                pass
+            finally:
+                inflight.put(None)
+
+        threading.Thread(target=read_requests, name="recommend-stream-reader", daemon=True).start()
+        while (entry := inflight.get()) is not None:
+            request, started, pending = entry
+            try:
+                yield convert.recommend_response(engine, pending.result(), _micros_since(started))
             except EngineError as error:  # one bad request does not end the stream
                 code, message = status_of(error)
                 yield recommend_pb2.RecommendResponse(

@@ -145,7 +145,14 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir")
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue")
+    class RecommendBatchSizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DIM_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DELETED_ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +168,9 @@ class StatsResponse(_message.Message):
     EVENTS_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDATIONS_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    RECOMMEND_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    RECOMMEND_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_QUEUE_FIELD_NUMBER: _ClassVar[int]
     dim: int
     items: int
     deleted_items: int
@@ -176,4 +186,7 @@ class StatsResponse(_message.Message):
     events_duplicate: int
     recommendations: int
     data_dir: str
-    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
+    recommend_batch_sizes: _containers.ScalarMap[int, int]
+    recommend_batches: int
+    write_queue: int
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ...) -> None: ...
