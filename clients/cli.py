@@ -97,6 +97,13 @@ def cmd_health(args, client: StreamrecClient) -> None:
     print(client.health(args.service))
 
 
+def cmd_loadtest(args, client: StreamrecClient) -> None:
+    from . import loadtest
+
+    if loadtest.run(args):
+        raise SystemExit(1)
+
+
 def register(subparsers) -> None:
     def add(name: str, handler, help: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help)
@@ -136,6 +143,13 @@ def register(subparsers) -> None:
     add("stats", cmd_stats, "server statistics")
     p = add("health", cmd_health, "health status (SERVING / NOT_SERVING)")
     p.add_argument("--service", default="")
+
+    from . import loadtest
+
+    p = subparsers.add_parser("loadtest", help="load-test a running server (python -m streamrec.clients.loadtest -h)",
+                              description=loadtest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    loadtest.add_arguments(p)  # its own --address and --timeout (a per-request deadline)
+    p.set_defaults(client_handler=cmd_loadtest)
 
 
 def run(args) -> int:

@@ -54,8 +54,9 @@ class BatchSizeHistogram:
 
 class MicroBatcher(Generic[Q, R]):
     def __init__(self, run_batch: Callable[[list[Q]], list[R]], max_batch: int = 256, max_wait_us: int = 500,
-                 queue_size: int = 8192):
+                 queue_size: int = 8192, on_batch: Callable[[int], None] | None = None):
         self._run_batch = run_batch
+        self._on_batch = on_batch or (lambda size: None)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_us / 1e6
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=queue_size)
@@ -115,6 +116,7 @@ class MicroBatcher(Generic[Q, R]):
             if not live:
                 continue
             self.histogram.add(len(live))
+            self._on_batch(len(live))
             try:
                 results = self._run_batch([p.query for p in live])
             except BaseException as error:  # every waiting caller must hear about it

@@ -19,6 +19,7 @@ from . import codec
 from .batcher import MicroBatcher
 from .config import EngineConfig
 from .errors import InvalidArgument, NotFound
+from .observer import EngineObserver
 from .retrieval import Recommendation, RecommendQuery, Retriever
 from .state import State
 from .store import LogEntry, Store
@@ -79,8 +80,9 @@ class UserView:
 
 
 class Engine:
-    def __init__(self, data_dir: str | Path, config: EngineConfig | None = None):
+    def __init__(self, data_dir: str | Path, config: EngineConfig | None = None, observer: EngineObserver | None = None):
         self.data_dir = Path(data_dir)
+        self.observer = observer or EngineObserver()
         self.store = Store(self.data_dir, sync=(config or EngineConfig()).sync)
         stored_dim = self.store.get_meta(_DIM_KEY)
         config = config or EngineConfig()
@@ -99,6 +101,7 @@ class Engine:
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
         self._last_checkpoint_at = time.monotonic()
+        self.last_checkpoint_wall = time.time()
         self._records_since_checkpoint = 0
         self.recovered_records = 0
         self._recover()
@@ -108,7 +111,8 @@ class Engine:
         )
         self.writer.start()
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
-            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size)
+            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size,
+            on_batch=self.observer.recommend_batch)
 
     # --- lifecycle ----------------------------------------------------------------------------
     @property
@@ -189,6 +193,7 @@ class Engine:
             self.counters["events_accepted"] += outcome.accepted
             self.counters["events_rejected"] += len(outcome.rejections)
             self.counters["events_duplicate"] += outcome.duplicates
+            self.observer.events(outcome.accepted, outcome.duplicates, len(outcome.rejections))
             done.set_result(outcome)
 
         if not good:
@@ -286,8 +291,10 @@ class Engine:
                         result.not_found.append(item_id)
             else:
                 raise AssertionError(f"unexpected op {op.kind}")
+        started = time.perf_counter()
         seqs = self.store.append_log(entries) if entries else []
         durable = self.store.last_seq()
+        self.observer.commit(time.perf_counter() - started, len(entries))
         with self.lock:
             batch: list[Event] = []
             for (op, record), seq in zip(plan, seqs):
@@ -355,7 +362,9 @@ class Engine:
         with self.lock:
             self.state.clear_dirty()
         self._last_checkpoint_at = time.monotonic()
+        self.last_checkpoint_wall = time.time()
         self._records_since_checkpoint = 0
+        self.observer.checkpoint(time.perf_counter() - started, len(item_records), len(user_records))
         log.info("checkpoint at seq %d: %d items, %d users written in %.1f ms", watermark, len(item_records),
                  len(user_records), (time.perf_counter() - started) * 1e3)
         return watermark

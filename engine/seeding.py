@@ -12,6 +12,7 @@ import numpy as np
 from .bootstrap import factorize
 from .config import EngineConfig
 from .engine import Engine
+from .observer import EngineObserver
 from .types import Dataset, ItemSpec
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0) -> str:
     return model_version
 
 
-def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none", seed: int = 0) -> Engine:
+def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none", seed: int = 0,
+                observer: EngineObserver | None = None) -> Engine:
     """Open <data_dir>/lmdb, seeding it with `dataset` first if it does not exist yet."""
     data_dir = Path(data_dir)
     store_dir = data_dir / STORE_FOLDER
@@ -64,4 +66,4 @@ def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none
             seed_engine(engine, data, seed)
         staging.rename(store_dir)
     log.info("opening %s", store_dir)
-    return Engine(store_dir, config)
+    return Engine(store_dir, config, observer)

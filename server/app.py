@@ -21,6 +21,7 @@ from streamrec.engine.engine import Engine
 from streamrec.engine.seeding import open_engine
 from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
+from .metrics import Metrics, MetricsInterceptor
 from .servicers import CatalogServicer, EngineHolder, EventServicer, RecommendServicer
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class ServerConfig:
     workers: int = 32  # each open stream holds a worker thread
     max_message_bytes: int = 16 << 20
     grace_s: float = 10.0
+    metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = any free port
+    metrics_host: str = "127.0.0.1"
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -63,7 +66,11 @@ class StreamrecServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"), options=options)
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"), options=options,
+            interceptors=[MetricsInterceptor(self.metrics)])
         events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.holder), self.grpc_server)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)
@@ -91,7 +98,11 @@ class StreamrecServer:
                         "and write. Bind 127.0.0.1 or put it behind a trusted network.", self.config.host)
         self.grpc_server.start()
         log.info("listening on %s (NOT_SERVING while loading %s)", self.address, self.config.data_dir)
-        self.engine = open_engine(self.config.data_dir, self.config.engine, self.config.dataset)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+        self.engine = open_engine(self.config.data_dir, self.config.engine, self.config.dataset, observer=self.metrics)
+        self.metrics.track_engine(self.engine)
         self.holder.set(self.engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stats = self.engine.stats()
@@ -107,6 +118,7 @@ class StreamrecServer:
         self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
         if self.engine is not None:
             self.engine.close()
+        self.metrics.close()
         self.holder.set(None)
         self._stopped.set()
         log.info("stopped")

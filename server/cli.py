@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default=_env("BACKEND", "auto"), help="top-k backend: auto, numpy, ...")
     serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 32)), help="RPC worker threads")
     serve.add_argument("--checkpoint-interval", type=float, default=float(_env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
+    serve.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
+                       help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync per commit (faster; acks no longer survive power loss)")
 
     client_cli.register(sub)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         engine = EngineConfig(dim=args.dim, backend=args.backend, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync)
         config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
-                              workers=args.workers, engine=engine)
+                              workers=args.workers, engine=engine,
+                              metrics_port=None if args.metrics_port is None else int(args.metrics_port))
         StreamrecServer(config).serve_forever()
         return 0
     return client_cli.run(args)

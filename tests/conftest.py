@@ -11,9 +11,9 @@ from streamrec.engine.config import EngineConfig
 from streamrec.server.app import ServerConfig, StreamrecServer
 
 
-def start_server(data_dir: Path, dataset: str = "synthetic", **engine_options) -> StreamrecServer:
+def start_server(data_dir: Path, dataset: str = "synthetic", metrics_port: int | None = None, **engine_options) -> StreamrecServer:
     config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir, dataset=dataset, workers=16, grace_s=2.0,
-                          engine=EngineConfig(dim=32, **engine_options))
+                          metrics_port=metrics_port, engine=EngineConfig(dim=32, **engine_options))
     server = StreamrecServer(config)
     server.start()
     return server
@@ -22,7 +22,7 @@ def start_server(data_dir: Path, dataset: str = "synthetic", **engine_options) -
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     logging.getLogger("streamrec").setLevel(logging.WARNING)
-    srv = start_server(tmp_path_factory.mktemp("server-data"))
+    srv = start_server(tmp_path_factory.mktemp("server-data"), metrics_port=0)
     yield srv
     srv.stop(grace_s=1.0)
 
