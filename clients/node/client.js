@@ -1,0 +1,155 @@
+// Tiny streamrec client: loads ../../proto/streamrec/v1/*.proto at run time (no code generation).
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { randomUUID } from 'node:crypto';
+import grpc from '@grpc/grpc-js';
+import protoLoader from '@grpc/proto-loader';
+
+export const PROTO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'proto');
+const PROTO_FILES = ['streamrec/v1/events.proto', 'streamrec/v1/recommend.proto', 'streamrec/v1/catalog.proto'];
+
+let cachedPackage;
+export function loadProto() {
+  if (!cachedPackage) {
+    const definition = protoLoader.loadSync(PROTO_FILES, {
+      keepCase: true, longs: String, enums: String, defaults: true, oneofs: true, includeDirs: [PROTO_ROOT],
+    });
+    cachedPackage = grpc.loadPackageDefinition(definition).streamrec.v1;
+  }
+  return cachedPackage;
+}
+
+/** 'purchase', 'PURCHASE', 'EVENT_TYPE_PURCHASE' or 4 -> 'EVENT_TYPE_PURCHASE' (or the number as given). */
+export function eventType(nameOrNumber) {
+  if (typeof nameOrNumber === 'number') return nameOrNumber;
+  const name = String(nameOrNumber).trim().toUpperCase();
+  return name.startsWith('EVENT_TYPE_') ? name : `EVENT_TYPE_${name}`;
+}
+
+/** An Event message; event_id defaults to a fresh UUID (the server's idempotency key). */
+export function makeEvent(userId, itemId, type = 'view', { value = 0, timestampMs = 0, eventId } = {}) {
+  return {
+    event_id: eventId ?? randomUUID(), user_id: userId, item_id: itemId, type: eventType(type),
+    value, timestamp_ms: String(timestampMs),
+  };
+}
+
+export class StreamrecClient {
+  /**
+   * @param {string} address  host:port
+   * @param {object} [options]
+   * @param {string} [options.token]   sent as `authorization: Bearer <token>` metadata on every call
+   * @param {boolean|object} [options.tls]  placeholder: true or {rootCerts, privateKey, certChain} (Buffers)
+   *                                   uses TLS channel credentials; default plaintext
+   * @param {number} [options.deadlineMs]  per-call deadline, default 10000
+   */
+  constructor(address, { token, tls, deadlineMs = 10_000 } = {}) {
+    const v1 = loadProto();
+    const credentials = tls
+      ? grpc.credentials.createSsl(tls.rootCerts ?? null, tls.privateKey ?? null, tls.certChain ?? null)
+      : grpc.credentials.createInsecure();
+    this.address = address;
+    this.deadlineMs = deadlineMs;
+    this.token = token;
+    this.events = new v1.EventService(address, credentials);
+    // The other stubs share the first one's channel.
+    const shared = { channelOverride: this.events.getChannel() };
+    this.recommender = new v1.RecommendService(address, credentials, shared);
+    this.catalog = new v1.CatalogService(address, credentials, shared);
+  }
+
+  _metadata() {
+    const metadata = new grpc.Metadata();
+    if (this.token) metadata.set('authorization', `Bearer ${this.token}`);
+    return metadata;
+  }
+
+  _options(deadlineMs) {
+    return { deadline: Date.now() + (deadlineMs ?? this.deadlineMs) };
+  }
+
+  _unary(stub, method, request, deadlineMs) {
+    return new Promise((resolve, reject) => {
+      stub[method](request, this._metadata(), this._options(deadlineMs), (error, response) =>
+        (error ? reject(error) : resolve(response)));
+    });
+  }
+
+  /** Resolves once the channel is connected (or rejects after timeoutMs). */
+  ready(timeoutMs = 10_000) {
+    return new Promise((resolve, reject) => {
+      this.events.waitForReady(Date.now() + timeoutMs, (error) => (error ? reject(error) : resolve()));
+    });
+  }
+
+  /**
+   * Send events over the bidirectional StreamEvents stream in batches of `batchSize`.
+   * Resolves once every batch is acked with {batches, accepted, duplicates, rejections, durableSeq}
+   * (durableSeq is a decimal string: uint64).
+   */
+  sendEvents(events, { batchSize = 100, deadlineMs } = {}) {
+    const list = [...events].map((e) => ({ ...e, event_id: e.event_id || randomUUID(), type: eventType(e.type) }));
+    const batches = [];
+    for (let i = 0; i < list.length; i += batchSize) {
+      batches.push({ batch_id: String(batches.length), events: list.slice(i, i + batchSize) });
+    }
+    return new Promise((resolve, reject) => {
+      const totals = { batches: 0, accepted: 0, duplicates: 0, rejections: [], durableSeq: '0' };
+      const call = this.events.StreamEvents(this._metadata(), this._options(deadlineMs));
+      call.on('data', (ack) => {
+        totals.batches += 1;
+        totals.accepted += ack.accepted;
+        totals.duplicates += ack.duplicates;
+        for (const r of ack.rejections) totals.rejections.push({ batch_id: ack.batch_id, ...r });
+        if (BigInt(ack.durable_seq) > BigInt(totals.durableSeq)) totals.durableSeq = ack.durable_seq;
+      });
+      call.on('error', reject);
+      call.on('end', () => {
+        if (totals.batches !== batches.length) {
+          reject(new Error(`stream ended after ${totals.batches} of ${batches.length} acks`));
+        } else {
+          resolve(totals);
+        }
+      });
+      (async () => {
+        for (const batch of batches) {
+          if (!call.write(batch)) await new Promise((r) => call.once('drain', r));
+        }
+        call.end();
+      })().catch(reject);
+    });
+  }
+
+  /**
+   * Recommend `k` items for a user. filters: {excludeSeen, excludeItemIds, includeCategories,
+   * excludeCategories, requestId}. Unset k / excludeSeen use the server defaults (10 / true).
+   */
+  recommend(userId, k, { excludeSeen, excludeItemIds = [], includeCategories = [], excludeCategories = [],
+    requestId = '', deadlineMs } = {}) {
+    const request = {
+      request_id: requestId, user_id: userId, exclude_item_ids: excludeItemIds,
+      include_categories: includeCategories, exclude_categories: excludeCategories,
+    };
+    if (k !== undefined && k !== null) request.k = k;
+    if (excludeSeen !== undefined && excludeSeen !== null) request.exclude_seen = excludeSeen;
+    return this._unary(this.recommender, 'Recommend', request, deadlineMs);
+  }
+
+  getUser(userId, { historyLimit = 0, includeEmbedding = false, deadlineMs } = {}) {
+    return this._unary(this.catalog, 'GetUser',
+      { user_id: userId, history_limit: historyLimit, include_embedding: includeEmbedding }, deadlineMs);
+  }
+
+  stats({ deadlineMs } = {}) {
+    return this._unary(this.catalog, 'Stats', {}, deadlineMs);
+  }
+
+  close() {
+    this.events.close();
+  }
+}
+
+/** connect('127.0.0.1:50051', {token, tls, deadlineMs}) -> StreamrecClient */
+export function connect(address, options = {}) {
+  return new StreamrecClient(address, options);
+}
