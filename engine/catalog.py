@@ -42,7 +42,8 @@ class ItemCatalog:
         self.interactions = np.zeros(0, np.int64)
         self.last_event_ms = np.zeros(0, np.int64)
         self.half_life_ms = popularity_half_life_ms
-        self.dirty_rows: set[int] = set()
+        self.dirty_rows: set[int] = set()  # rows to write at the next checkpoint
+        self.device_changes: set[int] = set()  # rows to upload before the next GPU search
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -139,6 +140,7 @@ class ItemCatalog:
         self.vectors[row] = unit(np.asarray(vector, np.float64))
         self.live[row] = True
         self.dirty_rows.add(row)
+        self.device_changes.add(row)
         return created
 
     def delete(self, item_id: str) -> bool:
@@ -147,7 +149,13 @@ class ItemCatalog:
             return False
         self.live[row] = False
         self.dirty_rows.add(row)
+        self.device_changes.add(row)
         return True
+
+    def take_device_changes(self) -> np.ndarray:
+        rows = np.fromiter(self.device_changes, np.int64, len(self.device_changes))
+        self.device_changes.clear()
+        return rows
 
     def record_interaction(self, row: int, weight: float, timestamp_ms: int, positive: bool) -> None:
         self.interactions[row] += 1

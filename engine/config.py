@@ -24,7 +24,8 @@ class Limits:
 @dataclass(frozen=True)
 class EngineConfig:
     dim: int = 64
-    backend: str = "auto"
+    backend: str = "auto"  # top-k: auto (cuda if a GPU is usable, else numba), numpy, numba, cuda
+    gpu_storage: str = "float32"  # item matrix on the GPU: float32 or float16 (float32 accumulation)
     default_k: int = 10
     history_len: int = 50  # recent events kept per user (seen items are kept in full)
     # Online rule: the user's accumulator decays with this half-life between their events, but never

@@ -97,7 +97,9 @@ class Engine:
         self._model_version = (self.store.get_meta(_MODEL_VERSION_KEY) or b"none").decode()
         self.lock = threading.RLock()
         self.backend = get_backend(config.backend)
-        self.retriever = Retriever(self.state, self.lock, self.backend)
+        if hasattr(self.backend, "warmup"):
+            self.backend.warmup()  # JIT-compile now, not on the first request
+        self.retriever = Retriever(self.state, self.lock, self.backend, np.dtype(config.gpu_storage))
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
         self._last_checkpoint_at = time.monotonic()

@@ -46,10 +46,29 @@ class _Prepared:
 
 
 class Retriever:
-    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend):
+    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend, device_dtype=np.float32):
         self.state = state
         self.lock = lock
         self.backend = backend
+        # GPU backends keep the item matrix resident and receive only the rows changed since the last search.
+        self._resident = getattr(backend, "search_resident", None)
+        self._device_matrix = None
+        self._device_lock = threading.Lock()
+        self._device_dtype = device_dtype
+
+    def _search_vectors(self, queries: np.ndarray, host_items: np.ndarray, k: int, filters: Filters):
+        if self._resident is None:
+            return self.backend.search(queries, host_items, k, filters)
+        from .gpu.topk import DeviceItemMatrix
+
+        with self._device_lock:  # one sync+search at a time keeps the device copy consistent
+            with self.lock:
+                items = self.state.items
+                if self._device_matrix is None:
+                    self._device_matrix = DeviceItemMatrix(items.dim, self._device_dtype)
+                self._device_matrix.sync(items.vectors, items.live, items.category_bits, len(items),
+                                         items.take_device_changes())
+            return self._resident(queries, k, filters, self._device_matrix)
 
     def _prepare(self, queries: list[RecommendQuery], vectors_for: list[np.ndarray | None] | None = None) -> _Prepared:
         items, users = self.state.items, self.state.users
@@ -108,7 +127,7 @@ class Retriever:
         if personal:
             k = max(queries[i].k for i in personal)
             matrix = np.stack([prepared.queries[i] for i in personal]).astype(np.float32)
-            rows, scores = self.backend.search(matrix, prepared.vectors, k, self._filters(prepared, personal))
+            rows, scores = self._search_vectors(matrix, prepared.vectors, k, self._filters(prepared, personal))
             for j, i in enumerate(personal):
                 results[i] = self._result(queries[i], rows[j], scores[j], "personalized")
         if popular:
