@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
-from serverproc import ServerProcess
+from streamrec.server.process import ServerProcess
 from streamrec.clients.aio import AsyncStreamrecClient
 from streamrec.clients.client import (NO_RETRY, EventStream, RetryPolicy, StreamrecClient, StreamResult, call_with_retry,
                                       make_event)

@@ -10,7 +10,7 @@ import pytest
 from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.v1 import events_pb2
 
-from serverproc import ServerProcess
+from streamrec.server.process import ServerProcess
 
 
 def stream_until_killed(address: str, acked: list[str], stop: threading.Event, prefix: str) -> None:

@@ -1,4 +1,4 @@
-"""Run `streamrec serve` as a separate process, so tests can SIGKILL it like a real crash."""
+"""Run `streamrec serve` as a separate process: tests and benchmarks SIGKILL it like a real crash."""
 from __future__ import annotations
 
 import os
@@ -18,16 +18,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, dataset: str = "synthetic", dim: int = 16, port: int | None = None):
-        self.data_dir, self.dataset, self.dim = data_dir, dataset, dim
+    def __init__(self, data_dir: Path, dataset: str = "synthetic", dim: int = 16, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.data_dir, self.dataset, self.dim, self.extra_args = Path(data_dir), dataset, dim, tuple(extra_args)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
 
     def start(self, timeout_s: float = 90.0) -> "ServerProcess":
         args = [sys.executable, "-m", "streamrec.server.cli", "serve", "--port", str(self.port), "--data-dir",
-                str(self.data_dir), "--dataset", self.dataset, "--dim", str(self.dim)]
+                str(self.data_dir), "--dataset", self.dataset, "--dim", str(self.dim), *self.extra_args]
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
         with StreamrecClient(self.address) as client:
