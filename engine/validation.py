@@ -12,6 +12,7 @@ from .errors import InvalidArgument
 from .types import Event, EventType, ItemSpec
 
 _VALID_TYPES = frozenset(int(t) for t in EventType)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
@@ -68,6 +69,8 @@ def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] 
         return "type", f"unknown event type {int(event.type)}"
     if not math.isfinite(event.value):
         return "value", "must be a finite number"
+    if abs(event.value) > _FLOAT32_MAX:  # user histories keep values as float32: it would become inf
+        return "value", f"must be within +-{_FLOAT32_MAX:.4g}, got {event.value:.4g}"
     if event.type == EventType.RATING and not (0.0 <= event.value <= 5.0):
         return "value", f"a rating must be within 0..5, got {event.value}"
     if event.timestamp_ms < limits.min_timestamp_ms:

@@ -1,7 +1,11 @@
 """Builds and runs the gRPC server: the three streamrec services, health checking and reflection.
 
 The port opens before the data loads, so health checks answer NOT_SERVING during loading and
-recovery, then SERVING."""
+recovery, then SERVING.
+
+Security (both off by default, for the embedded loopback use): `tls_cert` + `tls_key` (+ `tls_client_ca`
+for mutual TLS) serve TLS, see tls.py; `tokens_file` turns on bearer-token authentication with roles,
+see auth.py. Listening beyond loopback without either logs a warning saying which is missing."""
 from __future__ import annotations
 
 import ipaddress
@@ -21,8 +25,11 @@ from streamrec.engine.engine import Engine
 from streamrec.engine.seeding import open_engine
 from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
+from .auth import AuthInterceptor, TokenTable
+from .convert import RequestDecodeInterceptor
 from .metrics import Metrics, MetricsInterceptor
 from .servicers import CatalogServicer, EngineHolder, EventServicer, RecommendServicer
+from .tls import server_credentials, tls_files
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,13 @@ class ServerConfig:
     grace_s: float = 10.0
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = any free port
     metrics_host: str = "127.0.0.1"
+    # TLS: PEM file paths (see tls.py). A client CA turns on mutual TLS: clients must present a certificate.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens with roles (see auth.py); None = no authentication. Re-read when it changes.
+    tokens_file: Path | None = None
+    tokens_refresh_s: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -68,9 +82,17 @@ class StreamrecServer:
         ]
         self.metrics = Metrics()
         self.metrics_port: int | None = None
+        # Read now, so a bad file stops the server before it binds anything.
+        self.tls = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self._credentials = server_credentials(self.tls) if self.tls else None
+        self.tokens = TokenTable(config.tokens_file, config.tokens_refresh_s) if config.tokens_file else None
+        # The first interceptor runs outermost: metrics wraps auth, so rejected calls are counted by code;
+        # the decode guard is innermost, so requests that do not parse get INVALID_ARGUMENT, not INTERNAL.
+        interceptors = [MetricsInterceptor(self.metrics), *([AuthInterceptor(self.tokens)] if self.tokens else []),
+                        RequestDecodeInterceptor()]
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"), options=options,
-            interceptors=[MetricsInterceptor(self.metrics)])
+            interceptors=interceptors)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.holder), self.grpc_server)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)
@@ -90,14 +112,18 @@ class StreamrecServer:
 
     def start(self) -> int:
         """Open the port (answering NOT_SERVING), then load/recover the data, then SERVING."""
-        self.port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        target = f"{self.config.host}:{self.config.port}"
+        if self._credentials is not None:
+            self.port = self.grpc_server.add_secure_port(target, self._credentials)
+        else:
+            self.port = self.grpc_server.add_insecure_port(target)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
-        if not _is_loopback(self.config.host):
-            log.warning("listening on %s without TLS or authentication: anyone who can reach it can read "
-                        "and write. Bind 127.0.0.1 or put it behind a trusted network.", self.config.host)
+        self._warn_if_exposed()
         self.grpc_server.start()
-        log.info("listening on %s (NOT_SERVING while loading %s)", self.address, self.config.data_dir)
+        log.info("listening on %s%s%s (NOT_SERVING while loading %s)", self.address,
+                 "" if self.tls is None else (" with mutual TLS" if self.tls.mutual else " with TLS"),
+                 "" if self.tokens is None else f", tokens from {self.config.tokens_file}", self.config.data_dir)
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
@@ -109,6 +135,23 @@ class StreamrecServer:
         log.info("serving on %s: %d items, %d users, %d logged events, model %s, backend %s", self.address,
                  stats["items"], stats["users"], stats["log_events"], stats["model_version"], stats["backend"])
         return self.port
+
+    def _warn_if_exposed(self) -> None:
+        if _is_loopback(self.config.host):
+            return
+        host = self.config.host
+        if self.tls is None and self.tokens is None:
+            log.warning("SECURITY: listening on %s without TLS and without authentication: anyone who can reach "
+                        "it can read and write, in cleartext. Set --tls-cert/--tls-key and --tokens-file, bind "
+                        "127.0.0.1, or put it behind a trusted network.", host)
+        elif self.tls is None:
+            log.warning("SECURITY: listening on %s without TLS: bearer tokens and data cross the network in "
+                        "cleartext and can be replayed by anyone on the path. Set --tls-cert and --tls-key.", host)
+        elif self.tokens is None and not self.tls.mutual:
+            log.warning("SECURITY: listening on %s with TLS but without authentication: anyone who can reach it "
+                        "can read and write. Set --tokens-file (or --tls-client-ca for mutual TLS).", host)
+        if self.tls is not None and self.tls.mutual and self.tokens is None:
+            log.info("mutual TLS without tokens: every client with a certificate from the client CA has full access")
 
     def stop(self, grace_s: float | None = None) -> None:
         """Health first turns NOT_SERVING, in-flight calls drain, then the engine commits and checkpoints."""

@@ -10,7 +10,9 @@ from pathlib import Path
 from streamrec.clients import cli as client_cli
 from streamrec.engine.config import EngineConfig
 
+from . import auth
 from .app import ServerConfig, StreamrecServer
+from .tls import TlsConfigError
 
 
 def _env(name: str, default):
@@ -29,27 +31,73 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dataset", choices=["ml-100k", "synthetic", "none"], default=_env("DATASET", "ml-100k"),
                        help="seeds an empty data dir (env STREAMREC_DATASET)")
     serve.add_argument("--dim", type=int, default=int(_env("DIM", 64)), help="embedding dimension of a new data dir")
-    serve.add_argument("--backend", default=_env("BACKEND", "auto"), help="top-k backend: auto, numpy, ...")
+    serve.add_argument("--backend", default=_env("BACKEND", "auto"),
+                       help="top-k backend: auto (cuda with a usable GPU, else numba), numpy, numba, cuda")
+    serve.add_argument("--gpu-storage", choices=["float32", "float16"], default=_env("GPU_STORAGE", "float32"),
+                       help="item matrix storage on the GPU (accumulation is float32)")
     serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 32)), help="RPC worker threads")
     serve.add_argument("--checkpoint-interval", type=float, default=float(_env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync per commit (faster; acks no longer survive power loss)")
+    # Security: file paths only, never secrets on the command line (see server/tls.py and server/auth.py).
+    serve.add_argument("--tls-cert", type=Path, default=_env("TLS_CERT", None), help="PEM server certificate chain (env STREAMREC_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, default=_env("TLS_KEY", None), help="PEM private key (env STREAMREC_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", type=Path, default=_env("TLS_CLIENT_CA", None),
+                       help="PEM CA bundle; clients must present a certificate it signed (mutual TLS; env STREAMREC_TLS_CLIENT_CA)")
+    serve.add_argument("--tokens-file", type=Path, default=_env("TOKENS_FILE", None),
+                       help="bearer tokens with roles, lines 'ROLE SHA256HEX [NAME]'; re-read when it changes "
+                            "(env STREAMREC_TOKENS_FILE; off by default = no authentication)")
+
+    token = sub.add_parser("token", help="manage the tokens file (hashes only; a token is printed once)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = token_sub.add_parser("new", help="generate a token, append its hash to the file, print the token once")
+    new.add_argument("--role", required=True, choices=auth.ROLES)
+    new.add_argument("--file", type=Path, default=_env("TOKENS_FILE", None), required=_env("TOKENS_FILE", None) is None,
+                     help="tokens file, created (mode 600) if absent (env STREAMREC_TOKENS_FILE)")
+    new.add_argument("--name", default=None, help="label for logs and revocation (default ROLE-N)")
+    revoke = token_sub.add_parser("revoke", help="remove the token(s) with this name from the file")
+    revoke.add_argument("name")
+    revoke.add_argument("--file", type=Path, default=_env("TOKENS_FILE", None), required=_env("TOKENS_FILE", None) is None)
 
     client_cli.register(sub)
     return parser
+
+
+def run_token(args) -> int:
+    try:
+        if args.token_command == "new":
+            token = auth.add_token(args.file, args.role, args.name)
+            print(f"new {args.role} token (shown once; only its hash is stored in {args.file}):", file=sys.stderr)
+            print(token)
+            return 0
+        dropped = auth.revoke_token(args.file, args.name)
+        print(f"revoked {dropped} token(s) named {args.name!r}" if dropped else f"no token named {args.name!r}", file=sys.stderr)
+        return 0 if dropped else 1
+    except (OSError, auth.TokensFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        engine = EngineConfig(dim=args.dim, backend=args.backend, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync)
+        engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync)
         config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                               workers=args.workers, engine=engine,
-                              metrics_port=None if args.metrics_port is None else int(args.metrics_port))
-        StreamrecServer(config).serve_forever()
+                              metrics_port=None if args.metrics_port is None else int(args.metrics_port),
+                              tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                              tokens_file=args.tokens_file)
+        try:
+            server = StreamrecServer(config)
+        except (TlsConfigError, auth.TokensFileError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        server.serve_forever()
         return 0
+    if args.command == "token":
+        return run_token(args)
     return client_cli.run(args)
 
 

@@ -36,6 +36,34 @@ class EngineHolder:
         return self._engine
 
 
+class _Handoff:
+    """Bounded queue from a stream's reader thread to its handler. When the handler ends (client gone,
+    error), `close()` releases a reader blocked on a full queue, so no thread is left waiting forever."""
+
+    def __init__(self, size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._done = threading.Event()
+
+    def put(self, item) -> bool:
+        while not self._done.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        return self._queue.get()
+
+    def close(self) -> None:
+        self._done.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._done.is_set()
+
+
 def _deadline(context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -57,12 +85,14 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     @streaming
     def StreamEvents(self, request_iterator, context):
         engine = self.holder.get()
-        inflight: queue.Queue = queue.Queue(maxsize=MAX_INFLIGHT_BATCHES)
+        inflight = _Handoff(MAX_INFLIGHT_BATCHES)
 
         def read_batches() -> None:
             # Reading ahead lets several batches of this stream share one commit; acks stay in order.
             try:
                 for number, batch in enumerate(request_iterator):
+                    if inflight.closed:
+                        return
                     batch_id = batch.batch_id or str(number)
                     try:
                         pending = engine.ingest_async(convert.events_from(batch))
@@ -72,16 +102,20 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                     except EngineError as error:
                         pending = Future()
                         pending.set_exception(error)
-                    inflight.put((batch_id, pending))
+                    if not inflight.put((batch_id, pending)):
+                        return
             except grpc.RpcError:
                 pass  # the client went away; the writer still finishes what it accepted
             finally:
                 inflight.put(None)
 
         threading.Thread(target=read_batches, name="stream-events-reader", daemon=True).start()
-        while (entry := inflight.get()) is not None:
-            batch_id, pending = entry
-            yield convert.ack_from(batch_id, pending.result())
+        try:
+            while (entry := inflight.get()) is not None:
+                batch_id, pending = entry
+                yield convert.ack_from(batch_id, pending.result())
+        finally:
+            inflight.close()
 
 
 def _batch_rejected(error: InvalidArgument) -> IngestResult:
@@ -120,34 +154,40 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     @streaming
     def RecommendStream(self, request_iterator, context):
         engine = self.holder.get()
-        inflight: queue.Queue = queue.Queue(maxsize=MAX_INFLIGHT_BATCHES)
+        inflight = _Handoff(MAX_INFLIGHT_BATCHES)
 
         def read_requests() -> None:
             # Submitting ahead lets this stream's requests share kernel batches; answers keep request order.
             try:
                 for request in request_iterator:
+                    if inflight.closed:
+                        return
                     started = time.perf_counter()
                     try:
                         pending = engine.recommend_async(convert.query_from(engine, request))
                     except EngineError as error:
                         pending = Future()
                         pending.set_exception(error)
-                    inflight.put((request, started, pending))
+                    if not inflight.put((request, started, pending)):
+                        return
             except grpc.RpcError:
                 pass
             finally:
                 inflight.put(None)
 
         threading.Thread(target=read_requests, name="recommend-stream-reader", daemon=True).start()
-        while (entry := inflight.get()) is not None:
-            request, started, pending = entry
-            try:
-                yield convert.recommend_response(engine, pending.result(), _micros_since(started))
-            except EngineError as error:  # one bad request does not end the stream
-                code, message = status_of(error)
-                yield recommend_pb2.RecommendResponse(
-                    request_id=request.request_id, user_id=request.user_id,
-                    error=recommend_pb2.Status(code=code.value[0], message=message))
+        try:
+            while (entry := inflight.get()) is not None:
+                request, started, pending = entry
+                try:
+                    yield convert.recommend_response(engine, pending.result(), _micros_since(started))
+                except EngineError as error:  # one bad request does not end the stream
+                    code, message = status_of(error)
+                    yield recommend_pb2.RecommendResponse(
+                        request_id=request.request_id, user_id=request.user_id,
+                        error=recommend_pb2.Status(code=code.value[0], message=message))
+        finally:
+            inflight.close()
 
     @unary
     def SimilarItems(self, request, context):
