@@ -104,11 +104,36 @@ def cmd_loadtest(args, client: StreamrecClient) -> None:
         raise SystemExit(1)
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Auth and TLS: secrets come from files or the environment, never the command line."""
+    parser.add_argument("--token-file", default=os.environ.get("STREAMREC_TOKEN_FILE"),
+                        help="file holding the bearer token (or env STREAMREC_TOKEN with the token itself)")
+    parser.add_argument("--tls", action="store_true", default=bool(os.environ.get("STREAMREC_TLS")),
+                        help="connect with TLS (system roots unless --root-cert)")
+    parser.add_argument("--root-cert", default=os.environ.get("STREAMREC_ROOT_CERT"), help="PEM of the CA that signed the server")
+    parser.add_argument("--client-cert", default=os.environ.get("STREAMREC_CLIENT_CERT"), help="mTLS: client certificate (PEM)")
+    parser.add_argument("--client-key", default=os.environ.get("STREAMREC_CLIENT_KEY"), help="mTLS: client key (PEM)")
+
+
+def connection_options(args) -> dict:
+    if not hasattr(args, "token_file"):  # commands with their own connection flags (loadtest)
+        return {}
+    token = os.environ.get("STREAMREC_TOKEN")
+    if args.token_file:
+        token = open(args.token_file).read().strip()
+    return {
+        "token": token or None,
+        "tls": args.tls or bool(args.root_cert or args.client_cert),
+        "root_certificates": args.root_cert, "certificate_chain": args.client_cert, "private_key": args.client_key,
+    }
+
+
 def register(subparsers) -> None:
     def add(name: str, handler, help: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help)
         parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server host:port (env STREAMREC_ADDRESS)")
         parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+        add_connection_arguments(parser)
         parser.set_defaults(client_handler=handler)
         return parser
 
@@ -153,7 +178,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    with StreamrecClient(args.address, timeout_s=args.timeout) as client:
+    with StreamrecClient(args.address, timeout_s=args.timeout, **connection_options(args)) as client:
         try:
             args.client_handler(args, client)
         except grpc.RpcError as error:
