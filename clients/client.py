@@ -37,7 +37,8 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, common_pb2, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2,
+                          events_pb2_grpc, recommend_pb2, recommend_pb2_grpc)
 
 EVENT_TYPES = {name.removeprefix("EVENT_TYPE_").lower(): value for name, value in common_pb2.EventType.items() if value}
 
@@ -393,6 +394,7 @@ class StreamrecClient:
         self.events = events_pb2_grpc.EventServiceStub(self.channel)
         self.recommender = recommend_pb2_grpc.RecommendServiceStub(self.channel)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+        self.diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -521,3 +523,11 @@ class StreamrecClient:
 
     def stats(self, timeout_s: float | None = None, retry: bool | None = None) -> catalog_pb2.StatsResponse:
         return self._unary(self.catalog.Stats, catalog_pb2.StatsRequest(), timeout_s, True, retry)
+
+    # --- diagnostics -------------------------------------------------------------------------------------
+    def ping(self, payload: bytes = b"", timeout_s: float | None = None) -> diagnostics_pb2.PingResponse:
+        """An RPC that does no work: the server's per-call floor."""
+        return self._unary(self.diagnostics.Ping, diagnostics_pb2.PingRequest(payload=payload), timeout_s, True, None)
+
+    def ping_stream(self, requests: Iterable[diagnostics_pb2.PingRequest], timeout_s: float | None = None):
+        return self.diagnostics.PingStream(iter(requests), timeout=self._timeout(timeout_s))

@@ -23,12 +23,13 @@ from grpc_reflection.v1alpha import reflection
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
 from streamrec.engine.seeding import open_engine
-from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc,
+                          recommend_pb2, recommend_pb2_grpc)
 
 from .auth import AuthInterceptor, TokenTable
 from .convert import RequestDecodeInterceptor
 from .metrics import Metrics, MetricsInterceptor
-from .servicers import CatalogServicer, EngineHolder, EventServicer, RecommendServicer
+from .servicers import CatalogServicer, DiagnosticsServicer, EngineHolder, EventServicer, RecommendServicer
 from .tls import server_credentials, tls_files
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ SERVICE_NAMES = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
 )
 
 
@@ -96,6 +98,7 @@ class StreamrecServer:
         events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.holder), self.grpc_server)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)
+        diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -55,7 +55,7 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from streamrec.v1 import catalog_pb2, events_pb2, recommend_pb2
+from streamrec.v1 import catalog_pb2, diagnostics_pb2, events_pb2, recommend_pb2
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 SERVICE_ROLES: dict[str, str] = {
     recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name: "reader",
+    diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name: "reader",
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name: "writer",
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name: "admin",
 }

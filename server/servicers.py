@@ -11,7 +11,8 @@ import grpc
 from streamrec.engine.engine import Engine, IngestResult
 from streamrec.engine.errors import EngineError, InvalidArgument, Unavailable
 from streamrec.engine.validation import Rejection
-from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc,
+                          recommend_pb2, recommend_pb2_grpc)
 
 from . import convert
 from .errors import status_of, streaming, unary
@@ -234,3 +235,14 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     @unary
     def Stats(self, request, context):
         return convert.stats_message(self.holder.get())
+
+
+class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
+    """No engine work at all: the cost of the RPC machinery alone."""
+
+    def Ping(self, request, context):
+        return diagnostics_pb2.PingResponse(id=request.id, payload=request.payload)
+
+    def PingStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield diagnostics_pb2.PingResponse(id=request.id, payload=request.payload)

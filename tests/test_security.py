@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+from streamrec.v1 import diagnostics_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from streamrec.clients.client import NO_RETRY, StreamrecClient, make_event
@@ -214,12 +216,14 @@ CALLS = {
     "GetUser": lambda c, a: c.get_user("u1"),
     "ForgetUser": _forget,
     "Stats": lambda c, a: c.stats(),
+    "Ping": lambda c, a: c.ping(),
+    "PingStream": lambda c, a: list(c.ping_stream([diagnostics_pb2.PingRequest(id="p")])),
 }
 
 
 def _full_method(name: str) -> str:
-    from streamrec.v1 import catalog_pb2 as c, events_pb2 as e, recommend_pb2 as r
-    for module in (c, e, r):
+    from streamrec.v1 import catalog_pb2 as c, diagnostics_pb2 as g, events_pb2 as e, recommend_pb2 as r
+    for module in (c, e, r, g):
         for service in module.DESCRIPTOR.services_by_name.values():
             if name in service.methods_by_name:
                 return f"/{service.full_name}/{name}"
@@ -227,8 +231,8 @@ def _full_method(name: str) -> str:
 
 
 def test_the_matrix_covers_every_rpc():
-    from streamrec.v1 import catalog_pb2 as c, events_pb2 as e, recommend_pb2 as r
-    names = {m.name for module in (c, e, r) for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    from streamrec.v1 import catalog_pb2 as c, diagnostics_pb2 as g, events_pb2 as e, recommend_pb2 as r
+    names = {m.name for module in (c, e, r, g) for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert names == set(CALLS)
 
 

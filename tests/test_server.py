@@ -34,7 +34,15 @@ def test_reflection_lists_the_services(server):
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in next(responses).list_services_response.service}
     assert {"streamrec.v1.EventService", "streamrec.v1.RecommendService", "streamrec.v1.CatalogService",
-            "grpc.health.v1.Health"} <= names
+            "streamrec.v1.DiagnosticsService", "grpc.health.v1.Health"} <= names
+
+
+def test_ping_floor_rpcs(client):
+    from streamrec.v1 import diagnostics_pb2
+
+    assert client.ping(b"x").payload == b"x"
+    echoed = [r.id for r in client.ping_stream(diagnostics_pb2.PingRequest(id=str(n)) for n in range(5))]
+    assert echoed == ["0", "1", "2", "3", "4"]
 
 
 def test_new_user_gets_popular_items_then_personalised_after_events(client):
