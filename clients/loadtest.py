@@ -51,13 +51,14 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from streamrec.v1 import events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from streamrec.v1 import diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 from .aio import make_aio_channel
 from .client import StreamrecClient, auth_metadata
 
 DEFAULT_ADDRESS = os.environ.get("STREAMREC_ADDRESS", "127.0.0.1:50051")
-SCENARIOS = ("recommend", "stream", "events", "mixed")
+# ping / ping-stream do no server work: the floors the real scenarios are compared against.
+SCENARIOS = ("recommend", "stream", "events", "mixed", "ping", "ping-stream")
 DATASETS = {
     "synthetic": {"users": 500, "user_prefix": "u", "user_start": 0, "items": 2000, "item_prefix": "i", "item_start": 0},
     "ml-100k": {"users": 943, "user_prefix": "", "user_start": 1, "items": 1682, "item_prefix": "", "item_start": 1},
@@ -362,10 +363,13 @@ class Runner:
         self.users = ZipfSampler(spec["users"], spec["zipf"], spec["seed"], rng)
         self.items = ZipfSampler(spec["items"], spec["zipf"], spec["seed"] + 1, rng)
         self.recommender = recommend_pb2_grpc.RecommendServiceStub(channel)
+        self.diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(channel)
         events = events_pb2_grpc.EventServiceStub(channel)
         streams = max(1, spec["streams"])
         self.rec_streams = [MuxStream(self.recommender.RecommendStream, lambda r: r.request_id) for _ in range(streams)] \
             if self.scenario == "stream" else []
+        self.ping_streams = [MuxStream(self.diagnostics.PingStream, lambda r: r.id) for _ in range(streams)] \
+            if self.scenario == "ping-stream" else []
         self.event_streams = [MuxStream(events.StreamEvents, lambda a: a.batch_id) for _ in range(streams)] \
             if self.scenario in ("events", "mixed") else []
         self.prefix = f"lt{spec['run_id']}-{spec['proc_index']}-"
@@ -409,6 +413,11 @@ class Runner:
         try:
             if op == "recommend":
                 await self.recommender.Recommend(self._recommend_request(n), timeout=self.timeout_s)
+            elif op == "ping":
+                await self.diagnostics.Ping(diagnostics_pb2.PingRequest(id=str(n)), timeout=self.timeout_s)
+            elif op == "ping-stream":
+                request = diagnostics_pb2.PingRequest(id=f"{self.prefix}{n}")
+                await self.ping_streams[n % len(self.ping_streams)].request(request, request.id, self.timeout_s)
             elif op == "stream":
                 request = self._recommend_request(n)
                 response, _ = await self.rec_streams[n % len(self.rec_streams)].request(request, request.request_id, self.timeout_s)
@@ -494,7 +503,7 @@ class Runner:
         finally:
             if reporter:
                 reporter.cancel()
-            for stream in self.rec_streams + self.event_streams:
+            for stream in self.rec_streams + self.event_streams + self.ping_streams:
                 await stream.close()
         if progress:
             progress({"elapsed": time.perf_counter() - t0, "finished": self.finished, "failed": self.failed})
