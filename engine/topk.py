@@ -348,13 +348,27 @@ class NumpyTopK:
         return out_rows, out_scores
 
 
-BACKENDS: dict[str, Callable[[], TopKBackend]] = {"numpy": NumpyTopK}
+BACKENDS: dict[str, Callable[[], TopKBackend]] = {
+    "numpy": NumpyTopK,
+    # Imported on first use: numba is heavy to import and optional for the reference path.
+    "numba": lambda: __import__("streamrec.engine.cpu.topk", fromlist=["NumbaTopK"]).NumbaTopK(),
+    # Imported on first use too, so importing this module never imports numba.cuda.
+    "cuda": lambda: __import__("streamrec.engine.gpu.topk", fromlist=["CudaTopK"]).CudaTopK(),
+}
 
 
 def get_backend(name: str = "auto") -> TopKBackend:
-    """A fresh backend by name; "auto" picks the fastest available (only numpy so far)."""
+    """A fresh backend by name; "auto" picks the fastest available: cuda with a usable GPU, then numba when it
+    imports, else numpy."""
     if name == "auto":
-        name = "numpy"
+        from .gpu import CUDA_AVAILABLE
+
+        if CUDA_AVAILABLE:
+            return BACKENDS["cuda"]()
+        try:
+            return BACKENDS["numba"]()
+        except ImportError:
+            name = "numpy"
     try:
         factory = BACKENDS[name]
     except KeyError:

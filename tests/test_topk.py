@@ -264,10 +264,12 @@ def test_validation_errors() -> None:
 
 
 def test_registry() -> None:
-    assert set(BACKENDS) >= {"numpy"}
-    for name in ("auto", "numpy"):
-        backend = get_backend(name)
-        assert isinstance(backend, NumpyTopK) and isinstance(backend, TopKBackend) and backend.name == "numpy"
+    from streamrec.engine.gpu import CUDA_AVAILABLE
+
+    assert set(BACKENDS) >= {"numpy", "numba", "cuda"}
+    backend = get_backend("numpy")
+    assert isinstance(backend, NumpyTopK) and isinstance(backend, TopKBackend) and backend.name == "numpy"
+    assert get_backend("auto").name == ("cuda" if CUDA_AVAILABLE else "numba")  # the fastest available
     with pytest.raises(ValueError, match="numpy"):
         get_backend("tpu")
 

@@ -1,0 +1,749 @@
+"""Numba CPU backend for exact top-k with filters: the same contract and results as `topk.NumpyTopK`.
+
+Scoring: one fused pass over the items, parallel over item parts (handed out dynamically), with register
+tiles written as LLVM vector IR (no loop form got LLVM to emit them):
+
+* B < bcast_min_batch (5): "sum" tiles, dot products along d then one shuffle/add tree for 8 horizontal
+  sums; 8 rows x 1 query for a lone query, so B = 1 stays memory-bound (items read exactly once).
+* larger B: "broadcast" tiles, 4 rows x 16 queries (queries transposed once per call), one coordinate
+  of a row broadcast against 8 queries per FMA: finished dots in the accumulators, ~4.2 cycles per
+  (row, query) at d = 64, about the FMA peak and faster than OpenBLAS sgemm on this AVX2 host.
+* optional BLAS path (B > fused_max_batch; off by default): numpy float32 matmul on cache-sized item
+  chunks, then a scan of the score block. It lost to the fused kernel at every B measured here (see
+  NumbaTopK), and alternating with OpenBLAS's spinning thread pool made it erratic on a loaded host.
+
+Selection: a candidate is keyed by a uint64 ordered like (-score, row) (monotone score bits high, row
+low), so a max-heap of keys per (query, part) keeps the k best and its root is the entry to beat. The
+float32 scores only gate: a row is looked at when it reaches the root's score minus an error margin;
+then the filters are checked (valid, category bits, the query's excludes as a bitmap or a sorted list)
+and the score is recomputed as float32(float64 dot), the reference's definition. So the scores returned
+are exact and bit-identical for duplicated rows whatever tile, path or batch produced them, and filters
+cost nothing for rows that never reach the gate. Parts' heaps are merged with one sort per query.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..topk import Filters, _check_k
+
+__all__ = ["NumbaTopK", "warmup"]
+
+_EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # heap filler: worse than any real key
+_LOW32 = np.uint64(0xFFFF_FFFF)
+_SIGN = np.uint32(0x8000_0000)
+_MIN_BITMAP_ROWS = 256  # shorter exclude lists are always searched, not turned into bitmaps
+_GATE_BLOCK = 32  # score-block size of the vectorised "anything above threshold?" test
+_ROW_BLOCK = 256  # fused kernels: rows kept in L2 (64 KiB at d = 64) while the queries sweep them
+_QUERY_BLOCK = 64  # broadcast tiles: transposed query columns kept in L1 (16 KiB at d = 64)
+# Gate-only float32 code: reassociation and FMA contraction, but not nnan/ninf (NaN and -inf checks).
+_FAST = {"reassoc", "contract"}
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_F32 = ir.FloatType()
+_V8 = ir.VectorType(_F32, 8)
+_I32 = ir.IntType(32)
+
+
+def _vload(builder, ptr, offset):
+    p = builder.gep(ptr, [offset])
+    return builder.load(builder.bitcast(p, _V8.as_pointer()), align=4)
+
+
+def _shuffle(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 8), lanes))
+
+
+def _pair_sum(builder, a, b, lo, hi):
+    return builder.fadd(_shuffle(builder, a, b, lo), _shuffle(builder, a, b, hi))
+
+
+def _make_sum_tile(rows: int):
+    """Intrinsic scoring `rows` consecutive item rows against 8 // rows queries (rows = 4: queries qa, qb;
+    rows = 8: qa only), vectorised along d, for batches too small for the broadcast tiles.
+
+    f(queries, qa, qb, items, row, ga, gb, out) -> uint32 mask: lane i = dot(items[row + i % rows],
+    query (qa, qb)[i // rows]) goes to out[i], bit i set when it is >= that query's gate (ga, gb).
+    8 accumulators + their operands fit the 16 AVX registers and every load feeds 1 .. 4 FMAs; the 8
+    horizontal sums come out of one shuffle/add tree. The last d % 8 dims go through a zero-padded
+    stack buffer, so any d works.
+    """
+    nq = 8 // rows
+
+    @intrinsic
+    def tile(typingctx, queries, qa, qb, items, row, ga, gb, out):
+        f32c2 = types.Array(types.float32, 2, "C")
+        if queries != f32c2 or items != f32c2 or out != types.Array(types.float32, 1, "C"):
+            return None
+        sig = types.uint32(queries, types.intp, types.intp, items, types.intp, types.float32, types.float32, out)
+
+        def codegen(context, builder, signature, args):
+            qarr = context.make_array(signature.args[0])(context, builder, args[0])
+            xarr = context.make_array(signature.args[3])(context, builder, args[3])
+            oarr = context.make_array(signature.args[7])(context, builder, args[7])
+            d = cgutils.unpack_tuple(builder, qarr.shape, 2)[1]
+            qp = [builder.gep(qarr.data, [builder.mul(q, d)]) for q in (args[1], args[2])[:nq]]
+            row = args[4]
+            xp = [builder.gep(xarr.data, [builder.mul(builder.add(row, ir.Constant(row.type, i)), d)])
+                  for i in range(rows)]
+            fmuladd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fmuladd.v8f32")
+            zero = ir.Constant(_V8, [0.0] * 8)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(8)]  # promoted to registers
+
+            def step(vq, vx):
+                for i, a in enumerate(acc):
+                    builder.store(builder.call(fmuladd, [vq[i // rows], vx[i % rows], builder.load(a)]), a)
+
+            nfull = builder.lshr(d, ir.Constant(d.type, 3))
+            with cgutils.for_range(builder, nfull) as loop:
+                j = builder.shl(loop.index, ir.Constant(d.type, 3))
+                step([_vload(builder, ptr, j) for ptr in qp], [_vload(builder, ptr, j) for ptr in xp])
+            rem = builder.and_(d, ir.Constant(d.type, 7))
+            with builder.if_then(builder.icmp_unsigned("!=", rem, ir.Constant(d.type, 0)), likely=False):
+                j0 = builder.shl(nfull, ir.Constant(d.type, 3))
+                tails = []
+                for ptr in qp + xp:
+                    buf = cgutils.alloca_once(builder, _V8)
+                    builder.store(zero, buf)
+                    fbuf = builder.bitcast(buf, _F32.as_pointer())
+                    with cgutils.for_range(builder, rem) as t:
+                        builder.store(builder.load(builder.gep(ptr, [builder.add(j0, t.index)])),
+                                      builder.gep(fbuf, [t.index]))
+                    tails.append(builder.load(buf))
+                step(tails[:nq], tails[nq:])
+            a = [builder.load(x) for x in acc]
+            # Transpose-and-add tree: lane i of the result is the sum of all lanes of a[i].
+            ev, od = [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15]
+            p = [_pair_sum(builder, a[2 * i], a[2 * i + 1], ev, od) for i in range(4)]
+            lo2, hi2 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+            q = [_pair_sum(builder, p[0], p[1], lo2, hi2), _pair_sum(builder, p[2], p[3], lo2, hi2)]
+            sums = _pair_sum(builder, q[0], q[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+            builder.store(sums, builder.bitcast(oarr.data, _V8.as_pointer()), align=4)
+            g = builder.insert_element(ir.Constant(_V8, ir.Undefined), args[5], ir.Constant(_I32, 0))
+            g = builder.insert_element(g, args[6], ir.Constant(_I32, 1))
+            g = _shuffle(builder, g, g, [i // rows for i in range(8)])
+            hit = builder.fcmp_ordered(">=", sums, g)  # NaN never passes
+            return builder.zext(builder.bitcast(hit, ir.IntType(8)), _I32)
+
+        return sig, codegen
+
+    return tile
+
+
+_sum4x2 = _make_sum_tile(4)
+_sum8x1 = _make_sum_tile(8)
+
+
+def _make_bcast_tile(vecs: int):
+    """Intrinsic scoring 4 item rows against 8 * vecs queries held transposed (qt [d, Bpad]).
+
+    The GEMM-style tile for bigger batches: each step broadcasts one coordinate of each row and does an
+    FMA with 8 queries' coordinates, so accumulators hold finished dots (no horizontal sums) and each
+    call does 4 * 8 * vecs * d FMAs for a few instructions of overhead.
+    f(qt, col, items, row, gates, out) -> uint64 mask, bit ri * 8 * vecs + c set when
+    out[ri * 8 * vecs + c] = dot(items[row + ri], query col + c) >= gates[col + c].
+    """
+    width = 8 * vecs
+
+    @intrinsic
+    def tile(typingctx, qt, col, items, row, gates, out):
+        f32c2, f32c1 = types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C")
+        if qt != f32c2 or items != f32c2 or gates != f32c1 or out != f32c1:
+            return None
+        sig = types.uint64(qt, types.intp, items, types.intp, gates, out)
+
+        def codegen(context, builder, signature, args):
+            qarr = context.make_array(signature.args[0])(context, builder, args[0])
+            xarr = context.make_array(signature.args[2])(context, builder, args[2])
+            garr = context.make_array(signature.args[4])(context, builder, args[4])
+            oarr = context.make_array(signature.args[5])(context, builder, args[5])
+            d, bpad = cgutils.unpack_tuple(builder, qarr.shape, 2)
+            col, row = args[1], args[3]
+            qbase = builder.gep(qarr.data, [col])
+            xp = [builder.gep(xarr.data, [builder.mul(builder.add(row, ir.Constant(row.type, i)), d)])
+                  for i in range(4)]
+            fmuladd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fmuladd.v8f32")
+            zero = ir.Constant(_V8, [0.0] * 8)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4 * vecs)]
+            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+            with cgutils.for_range(builder, d) as loop:
+                qrow = builder.gep(qbase, [builder.mul(loop.index, bpad)])
+                qv = [_vload(builder, qrow, ir.Constant(d.type, 8 * v)) for v in range(vecs)]
+                for ri in range(4):
+                    x = builder.load(builder.gep(xp[ri], [loop.index]))
+                    xv = builder.insert_element(ir.Constant(_V8, ir.Undefined), x, ir.Constant(_I32, 0))
+                    xv = builder.shuffle_vector(xv, xv, splat)
+                    for v in range(vecs):
+                        a = acc[ri * vecs + v]
+                        builder.store(builder.call(fmuladd, [xv, qv[v], builder.load(a)]), a)
+            mask = ir.Constant(ir.IntType(64), 0)
+            gbase = builder.gep(garr.data, [col])
+            for v in range(vecs):
+                g = _vload(builder, gbase, ir.Constant(d.type, 8 * v))
+                for ri in range(4):
+                    a = builder.load(acc[ri * vecs + v])
+                    slot = ri * width + 8 * v
+                    builder.store(a, builder.bitcast(builder.gep(oarr.data, [ir.Constant(d.type, slot)]),
+                                                     _V8.as_pointer()), align=4)
+                    hit = builder.zext(builder.bitcast(builder.fcmp_ordered(">=", a, g), ir.IntType(8)),
+                                       ir.IntType(64))
+                    mask = builder.or_(mask, builder.shl(hit, ir.Constant(ir.IntType(64), slot)))
+            return mask
+
+        return sig, codegen
+
+    return tile
+
+
+_bcast4x16 = _make_bcast_tile(2)
+_bcast4x8 = _make_bcast_tile(1)
+
+@njit(inline="always", nogil=True, cache=True)
+def _key(score, row):
+    """uint64 ordered like (-score, row); score is a non-NaN float32, row < 2**32."""
+    if score == 0:
+        score = np.float32(0.0)  # -0.0 == 0.0 must tie (and break by row), not sort apart
+    b = _f32_bits(score)
+    mono = ~b if b & _SIGN else b | _SIGN  # unsigned order == float order
+    return (np.uint64(~mono) << np.uint64(32)) | np.uint64(row)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _key_score(key):
+    mono = np.uint32(~(key >> np.uint64(32)) & _LOW32)
+    return _bits_f32(mono & ~_SIGN if mono & _SIGN else ~mono)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _gate(heap, margin):
+    """Approximate score a row must reach to be looked at: the root's score minus margin."""
+    top = heap[0]
+    if top == _EMPTY:
+        return np.float32(-np.inf)
+    return _key_score(top) - margin
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _replace_top(heap, key):
+    """Max-heap of keys (root = worst kept): put key in place of the root and sift it down."""
+    n = heap.size
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and heap[c + 1] > heap[c]:
+            c += 1
+        if heap[c] <= key:
+            break
+        heap[i] = heap[c]
+        i = c
+    heap[i] = key
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _allowed(b, r, flt):
+    """The reference's filter rule for (query b, row r); flt is _Prepared.kernel_args()."""
+    valid, ex_ptr, ex_rows, bitmap_of, bitmaps, item_cats, inc_cats, exc_cats, has_inc, has_exc = flt
+    if not valid[r]:
+        return False
+    if has_inc[b]:
+        hit = False
+        for w in range(item_cats.shape[1]):
+            if item_cats[r, w] & inc_cats[b, w]:
+                hit = True
+                break
+        if not hit:
+            return False
+    if has_exc[b]:
+        for w in range(item_cats.shape[1]):
+            if item_cats[r, w] & exc_cats[b, w]:
+                return False
+    m = bitmap_of[b]
+    if m >= 0:  # long exclude list: one bit per row
+        return not (bitmaps[m, r >> 6] >> np.uint64(r & 63)) & np.uint64(1)
+    lo, hi = ex_ptr[b], ex_ptr[b + 1]  # short list, sorted: binary search
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if ex_rows[mid] < r:
+            lo = mid + 1
+        else:
+            hi = mid
+    return not (lo < ex_ptr[b + 1] and ex_rows[lo] == r)
+
+
+@njit(nogil=True, cache=True)
+def _dot64(q, x):
+    """The reference score: float32 of the float64 dot product.
+
+    Four fixed partial sums and no fast-math, so the result cannot depend on how LLVM inlines or
+    vectorises a call site: a row scores the same from every path (duplicated rows tie exactly).
+    """
+    s0 = s1 = s2 = s3 = 0.0
+    d = q.size
+    j = 0
+    while j + 4 <= d:
+        s0 += np.float64(q[j]) * np.float64(x[j])
+        s1 += np.float64(q[j + 1]) * np.float64(x[j + 1])
+        s2 += np.float64(q[j + 2]) * np.float64(x[j + 2])
+        s3 += np.float64(q[j + 3]) * np.float64(x[j + 3])
+        j += 4
+    while j < d:
+        s0 += np.float64(q[j]) * np.float64(x[j])
+        j += 1
+    return np.float32((s0 + s1) + (s2 + s3))
+
+
+@njit(fastmath=_FAST, nogil=True, cache=True)
+def _dot32(q, x):
+    """float32 dot for the gate only (rows left over by the tiles)."""
+    s = np.float32(0.0)
+    for j in range(q.size):
+        s += q[j] * x[j]
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _offer(heap, b, r, score, rescore, queries, items, margin, gate, flt):
+    """Row r reached query b's gate: filter, (re)score exactly, keep if it beats the root; -> new gate."""
+    if not _allowed(b, r, flt):
+        return gate
+    if rescore:
+        score = _dot64(queries[b], items[r])
+    if score != score or score == -np.inf:
+        return gate
+    key = _key(score, r)
+    if key >= heap[0]:
+        return gate
+    _replace_top(heap, key)
+    return _gate(heap, margin)
+
+
+@njit(nogil=True, cache=True)
+def _take_hits(hits, sums, rows, b, bb, r, q0, p, gates, heaps, queries, items, margins, flt):
+    """Offer the lanes of a sum tile that passed their gate (lane i: row r + i % rows, query (b, bb)[i // rows])."""
+    for i in range(8):
+        if hits >> i & 1:
+            q = b if i < rows else bb
+            s = sums[i]
+            if s >= gates[q - q0]:  # the gate may have risen since the tile was scored
+                gates[q - q0] = _offer(heaps[q - q0, p], q, r + i % rows, s, True, queries, items, margins[q],
+                                       gates[q - q0], flt)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _fused_sum(queries, q0, items, heaps, margins, flt):
+    """Queries q0 .. q0+nq into heaps [nq, parts, keff]; part p scans rows [n*p/parts, n*(p+1)/parts)."""
+    parts = heaps.shape[1]
+    n = items.shape[0]
+    for p in prange(parts):
+        _sum_part(queries, q0, items, n * p // parts, n * (p + 1) // parts, p, heaps, margins, flt)
+
+
+@njit(nogil=True, cache=True)
+def _sum_part(queries, q0, items, lo, hi, p, heaps, margins, flt):
+    """One part of _fused_sum, in row blocks that stay in L2: query pairs take two 4x2 tiles per 8 rows,
+    an odd last query an 8x1 tile, so a lone query costs ~1 FMA per loaded float and stays memory-bound.
+
+    Kept out of the prange body and split into one function per tile shape: with both shapes in one
+    loop nest the 8x1 loop ran ~20% slower (register allocation), which shows at B = 1.
+    """
+    nq = heaps.shape[0]
+    gates = np.full(nq, -np.inf, dtype=np.float32)
+    sums = np.empty(8, dtype=np.float32)
+    for r0 in range(lo, hi, _ROW_BLOCK):
+        r1 = min(hi, r0 + _ROW_BLOCK)
+        tiled = r0 + (r1 - r0) // 8 * 8
+        if nq >= 2:
+            _sum_pairs(queries, q0, items, r0, tiled, p, gates, sums, heaps, margins, flt)
+        if nq % 2:
+            _sum_single(queries, q0, items, r0, tiled, p, gates, sums, heaps, margins, flt)
+        for r in range(tiled, r1):  # < 8 rows left in the block
+            for b in range(q0, q0 + nq):
+                s = _dot32(queries[b], items[r])
+                if s >= gates[b - q0]:
+                    gates[b - q0] = _offer(heaps[b - q0, p], b, r, s, True, queries, items, margins[b],
+                                           gates[b - q0], flt)
+
+
+@njit(nogil=True, cache=True)
+def _sum_pairs(queries, q0, items, lo, hi, p, gates, sums, heaps, margins, flt):
+    """Rows lo .. hi (a multiple of 8 apart) against the query pairs of the block."""
+    last = q0 + heaps.shape[0] - 1
+    for r in range(lo, hi, 8):
+        for b in range(q0, last, 2):
+            for half in range(0, 8, 4):
+                hits = _sum4x2(queries, b, b + 1, items, r + half, gates[b - q0], gates[b + 1 - q0], sums)
+                if hits:
+                    _take_hits(hits, sums, 4, b, b + 1, r + half, q0, p, gates, heaps, queries, items, margins, flt)
+
+
+@njit(nogil=True, cache=True)
+def _sum_single(queries, q0, items, lo, hi, p, gates, sums, heaps, margins, flt):
+    """Rows lo .. hi (a multiple of 8 apart) against the block's last query."""
+    b = q0 + heaps.shape[0] - 1
+    for r in range(lo, hi, 8):
+        hits = _sum8x1(queries, b, b, items, r, gates[b - q0], gates[b - q0], sums)
+        if hits:
+            _take_hits(hits, sums, 8, b, b, r, q0, p, gates, heaps, queries, items, margins, flt)
+
+
+@njit(nogil=True, cache=True)
+def _take_bcast(mask, width, out, col, r, q0, p, gates, heaps, queries, items, margins, flt):
+    """Offer the lanes of a broadcast tile that passed their gate (bit ri * width + c: row r + ri, column
+    col + c of the query block starting at q0)."""
+    for bit in range(4 * width):
+        if mask >> np.uint64(bit) & np.uint64(1):
+            c = col + bit % width
+            s = out[bit]
+            if s >= gates[c]:  # the gate may have risen since the tile was scored
+                gates[c] = _offer(heaps[c, p], q0 + c, r + bit // width, s, True, queries, items, margins[q0 + c],
+                                  gates[c], flt)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _fused_bcast(qt, q0, queries, items, heaps, margins, flt):
+    """_fused_sum with the broadcast tiles: qt [d, nqpad] holds queries q0 .. q0+nq transposed and
+    zero-padded to a multiple of 8 (pad columns get an +inf gate, so they never hit)."""
+    parts = heaps.shape[1]
+    n = items.shape[0]
+    for p in prange(parts):
+        _bcast_part(qt, q0, queries, items, n * p // parts, n * (p + 1) // parts, p, heaps, margins, flt)
+
+
+@njit(nogil=True, cache=True)
+def _bcast_part(qt, q0, queries, items, lo, hi, p, heaps, margins, flt):
+    """One part of _fused_bcast: rows go in blocks that stay in L2 while blocks of query columns that
+    fit L1 sweep over them."""
+    nq = heaps.shape[0]
+    nqpad = qt.shape[1]
+    gates = np.full(nqpad, np.inf, dtype=np.float32)
+    gates[:nq] = -np.inf
+    out = np.empty(64, dtype=np.float32)
+    for r0 in range(lo, hi, _ROW_BLOCK):
+        r1 = min(hi, r0 + _ROW_BLOCK)
+        tiled = r0 + (r1 - r0) // 4 * 4
+        for c0 in range(0, nqpad, _QUERY_BLOCK):
+            c1 = min(nqpad, c0 + _QUERY_BLOCK)
+            for r in range(r0, tiled, 4):
+                col = c0
+                while col + 16 <= c1:
+                    mask = _bcast4x16(qt, col, items, r, gates, out)
+                    if mask:
+                        _take_bcast(mask, 16, out, col, r, q0, p, gates, heaps, queries, items, margins, flt)
+                    col += 16
+                if col < c1:
+                    mask = _bcast4x8(qt, col, items, r, gates, out)
+                    if mask:
+                        _take_bcast(mask, 8, out, col, r, q0, p, gates, heaps, queries, items, margins, flt)
+        for r in range(tiled, r1):  # < 4 rows left in the block
+            for c in range(nq):
+                s = _dot32(queries[q0 + c], items[r])
+                if s >= gates[c]:
+                    gates[c] = _offer(heaps[c, p], q0 + c, r, s, True, queries, items, margins[q0 + c],
+                                      gates[c], flt)
+
+
+@njit(nogil=True, cache=True)
+def _scan(srow, lo, hi, row0, b, rescore, queries, items, heap, gate, margin, flt):
+    """Offer srow[lo:hi] (scores of rows row0+lo ..) to query b's heap; -> the gate afterwards."""
+    j = lo
+    while j < hi:
+        stop = min(j + _GATE_BLOCK, hi)
+        hits = 0
+        for i in range(j, stop):  # branch-free so it vectorises; NaN never counts
+            hits += srow[i] >= gate
+        if hits:
+            for i in range(j, stop):
+                if srow[i] >= gate:
+                    gate = _offer(heap, b, row0 + i, srow[i], rescore, queries, items, margin, gate, flt)
+        j = stop
+    return gate
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _select_parallel(scores, shared, row0, q0, rescore, queries, items, heaps, gates, margins, flt):
+    """Offer scores [nq or 1 (shared), c] of rows row0 .. row0+c to heaps [nq, parts, keff] of queries
+    q0 .. q0+nq; part p takes columns [c*p/parts, c*(p+1)/parts). gates [nq, parts] carry over calls."""
+    nq, parts = heaps.shape[0], heaps.shape[1]
+    c = scores.shape[1]
+    for task in prange(nq * parts):
+        bl = task // parts
+        p = task - bl * parts
+        gates[bl, p] = _scan(scores[0] if shared else scores[bl], c * p // parts, c * (p + 1) // parts, row0,
+                             q0 + bl, rescore, queries, items, heaps[bl, p], gates[bl, p], margins[q0 + bl], flt)
+
+
+@njit(nogil=True, cache=True)
+def _select_serial(scores, row0, q0, queries, items, heaps, gates, margins, flt):
+    """_select_parallel for the BLAS path with one part: in the calling thread, because a Numba thread
+    pool alternating with OpenBLAS's (both spin after their work) made that path several times slower."""
+    for bl in range(heaps.shape[0]):
+        gates[bl, 0] = _scan(scores[bl], 0, scores.shape[1], row0, q0 + bl, True, queries, items, heaps[bl, 0],
+                             gates[bl, 0], margins[q0 + bl], flt)
+
+
+@njit(nogil=True, cache=True)
+def _count_in_range(ptr, rows, n):
+    """Rows 0 <= r < n in each query's CSR segment (the others exclude nothing).
+
+    This and _split_excludes run in the calling thread: they are one cheap pass each, and on a loaded
+    host every parallel region can wait milliseconds for a descheduled worker thread.
+    """
+    counts = np.zeros(ptr.size - 1, dtype=np.int64)
+    for b in range(ptr.size - 1):
+        c = 0
+        for j in range(ptr[b], ptr[b + 1]):
+            c += 0 <= rows[j] < n
+        counts[b] = c
+    return counts
+
+
+@njit(nogil=True, cache=True)
+def _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows):
+    """In-range excludes of each query into its bitmap (bitmap_of[b] >= 0) or into its sorted segment
+    ex_rows[ex_ptr[b]:ex_ptr[b + 1]]."""
+    for b in range(ptr.size - 1):
+        m = bitmap_of[b]
+        out = ex_ptr[b]
+        for j in range(ptr[b], ptr[b + 1]):
+            r = rows[j]
+            if 0 <= r < n:
+                if m >= 0:
+                    bitmaps[m, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
+                else:
+                    ex_rows[out] = r
+                    out += 1
+        seg = ex_rows[ex_ptr[b]:out]
+        for j in range(1, seg.size):
+            if seg[j] < seg[j - 1]:  # sort only when not already sorted
+                seg.sort()
+                break
+
+
+class _Prepared:
+    """Filter arrays in the form the kernels take, built once per call in two passes over the excludes.
+
+    Each query's excludes become either a bitmap over the rows (long lists: one bit test per candidate,
+    no sort) or a sorted list for binary search. Lists of >= max(256, N / 512) rows get a bitmap: at most
+    8x the list's own bytes, and the lists left to sort stay short (Numba's sort is slow on long ones).
+    Out-of-range rows are dropped.
+    """
+
+    def __init__(self, filters: Filters) -> None:
+        b, n = filters.num_queries, filters.num_items
+        counts = _count_in_range(filters.exclude_indptr, filters.exclude_rows, n)
+        long = np.flatnonzero(counts >= max(_MIN_BITMAP_ROWS, n // 512))
+        self.bitmap_of = np.full(b, -1, dtype=np.int64)
+        self.bitmap_of[long] = np.arange(long.size)
+        self.bitmaps = np.zeros((long.size, (n + 63) // 64), dtype=np.uint64)
+        counts[long] = 0
+        self.ex_ptr = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.ex_ptr[1:])
+        self.ex_rows = np.empty(self.ex_ptr[-1], dtype=np.int64)
+        _split_excludes(filters.exclude_indptr, filters.exclude_rows, n, self.bitmap_of, self.bitmaps,
+                        self.ex_ptr, self.ex_rows)
+        cats = filters.words > 0
+        self.has_inc = filters.include_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
+        self.has_exc = filters.exclude_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
+        self.filters = filters
+
+    def kernel_args(self) -> tuple:
+        f = self.filters
+        return (f.valid, self.ex_ptr, self.ex_rows, self.bitmap_of, self.bitmaps, f.item_cats, f.include_cats,
+                f.exclude_cats, self.has_inc, self.has_exc)
+
+
+def _merge(heaps: np.ndarray, out_rows: np.ndarray, out_scores: np.ndarray) -> None:
+    """Best k keys of each query's parts (heaps [nq, parts, keff]), decoded into out [nq, k] (padding stays).
+
+    NumPy's sort, not Numba's: several times faster on the parts * k keys of a large k.
+    """
+    k = out_rows.shape[1]
+    keys = np.sort(heaps.reshape(heaps.shape[0], -1), axis=1)[:, :k]
+    kept = keys != _EMPTY
+    mono = (~keys >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(mono & _SIGN, mono & ~_SIGN, ~mono)
+    out_rows[:, : keys.shape[1]] = np.where(kept, (keys & _LOW32).astype(np.int64), -1)
+    out_scores[:, : keys.shape[1]] = np.where(kept, bits.view(np.float32), -np.inf)
+
+
+def _margins(queries: np.ndarray) -> np.ndarray:
+    """Gate slack per query: a bound on |float32 dot - exact| for item norms <= 2.
+
+    Any float32 summation of d products errs by at most ~d * 2**-24 * sum|q_j x_j| <= d * 2**-24 |q| |x|.
+    Items with larger norms stay correct up to near-ties (a row within ~1e-5 of the k-th may be missed).
+    """
+    d = queries.shape[1]
+    norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    return ((d + 16) * 2.0**-23 * norms).astype(np.float32)
+
+
+class NumbaTopK:
+    """Numba backend (name "numba"); see the module docstring. Tuned on a shared 2-core AVX2 EPYC.
+
+    fused_max_batch: None (default) scores every batch with the fused kernel; an int sends bigger batches
+        to the BLAS path. The crossover never came: at N = 1M, d = 64 the BLAS path measured 1.4-3x
+        slower at B = 1, 16 and 256 (sgemm alone is ~1.9 ns per (row, query) on one core against the
+        broadcast tile's ~1.35 ns, plus the score-block scan). Worth trying where BLAS has AVX-512.
+    bcast_min_batch: smallest query block scored with broadcast tiles rather than sum tiles. Sum tiles win
+        at B <= 2 (no padding of the query side), are even at 3-4, broadcast tiles win from ~5 (1.2x at
+        B = 6, 1.5x at 8, 1.8x at 16).
+    query_block: queries per pass over the items (bounds heap memory: query_block * parts * k * 8 bytes).
+    block_bytes: size of one float32 [queries, chunk] score block on the BLAS path.
+    parts_per_thread: item parts per thread, handed out dynamically so that a thread slowed by other
+        processes does not hold up the call; min_part_rows: the smallest part.
+    """
+
+    name = "numba"
+
+    def __init__(self, fused_max_batch: int | None = None, bcast_min_batch: int = 5, query_block: int = 512,
+                 block_bytes: int = 4 << 20, parts_per_thread: int = 4, min_part_rows: int = 1024) -> None:
+        if min(query_block, block_bytes, parts_per_thread, min_part_rows) < 1 or bcast_min_batch < 0:
+            raise ValueError("query_block, block_bytes, parts_per_thread, min_part_rows must be >= 1")
+        if fused_max_batch is not None and fused_max_batch < 0:
+            raise ValueError(f"fused_max_batch must be >= 0 or None, got {fused_max_batch}")
+        self.fused_max_batch = fused_max_batch
+        self.bcast_min_batch = int(bcast_min_batch)
+        self.query_block = int(query_block)
+        self.block_bytes = int(block_bytes)
+        self.parts_per_thread = int(parts_per_thread)
+        self.min_part_rows = int(min_part_rows)
+
+    def search(
+        self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        items = np.ascontiguousarray(items, dtype=np.float32)
+        if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
+            raise ValueError(f"need queries [B, d] and items [N, d], got {queries.shape} and {items.shape}")
+        b, n = queries.shape[0], items.shape[0]
+        filters.check(b, n)
+        out_rows, out_scores = _padding(b, k)
+        if b == 0 or n == 0:
+            return out_rows, out_scores
+        _check_rows(n)
+        prep, margins, keff = _Prepared(filters), _margins(queries), min(k, n)
+        fused = self.fused_max_batch is None or b <= self.fused_max_batch
+        for q0 in range(0, b, self.query_block):
+            nq = min(b, q0 + self.query_block) - q0
+            if fused and nq < self.bcast_min_batch:
+                heaps = self._heaps(nq, self._parts(n, 1, keff), keff)
+                with numba.parallel_chunksize(1):
+                    _fused_sum(queries, q0, items, heaps, margins, prep.kernel_args())
+            elif fused:
+                heaps = self._heaps(nq, self._parts(n, 1, keff), keff)
+                qt = np.zeros((queries.shape[1], -(-nq // 8) * 8), dtype=np.float32)
+                qt[:, :nq] = queries[q0:q0 + nq].T
+                with numba.parallel_chunksize(1):
+                    _fused_bcast(qt, q0, queries, items, heaps, margins, prep.kernel_args())
+            else:
+                heaps = self._blas_pass(queries, q0, nq, items, keff, margins, prep)
+            _merge(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
+        return out_rows, out_scores
+
+    def rank_scores(self, scores: np.ndarray, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
+        k = _check_k(k)
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+        if scores.ndim == 1:
+            b, shared = filters.num_queries, True
+            scores = scores.reshape(1, -1)
+        elif scores.ndim == 2:
+            b, shared = scores.shape[0], False
+        else:
+            raise ValueError(f"scores must be [N] or [B, N], got shape {scores.shape}")
+        n = scores.shape[1]
+        filters.check(b, n)
+        out_rows, out_scores = _padding(b, k)
+        if b == 0 or n == 0:
+            return out_rows, out_scores
+        _check_rows(n)
+        prep, keff = _Prepared(filters), min(k, n)
+        margins = np.zeros(b, dtype=np.float32)  # scores are given, so the gate is exact
+        none = np.zeros((1, 1), dtype=np.float32)  # no rescoring: queries and items are never read
+        for q0 in range(0, b, self.query_block):
+            nq = min(b, q0 + self.query_block) - q0
+            parts = self._parts(n, nq, keff)
+            heaps = self._heaps(nq, parts, keff)
+            gates = np.full((nq, parts), -np.inf, dtype=np.float32)
+            block = scores if shared else scores[q0:q0 + nq]
+            with numba.parallel_chunksize(1):
+                _select_parallel(block, shared, 0, q0, False, none, none, heaps, gates, margins, prep.kernel_args())
+            _merge(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
+        return out_rows, out_scores
+
+    def _blas_pass(self, queries, q0, nq, items, keff, margins, prep) -> np.ndarray:
+        """Heaps [nq, 1, keff] of queries q0 .. q0+nq from float32 BLAS scores of item chunks."""
+        n = items.shape[0]
+        qb = queries[q0:q0 + nq]
+        chunk = min(n, max(256, self.block_bytes // (4 * nq)))
+        heaps = self._heaps(nq, 1, keff)
+        gates = np.full((nq, 1), -np.inf, dtype=np.float32)
+        block = np.empty((nq, chunk), dtype=np.float32)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            s = block if hi - lo == chunk else np.empty((nq, hi - lo), dtype=np.float32)
+            np.matmul(qb, items[lo:hi].T, out=s)
+            _select_serial(s, lo, q0, queries, items, heaps, gates, margins, prep.kernel_args())
+        return heaps
+
+    def _parts(self, n: int, tasks: int, keff: int) -> int:
+        """Item parts per query: enough (tasks * parts) to keep every thread busy, but each part at least
+        min_part_rows and 64 * keff rows, so that heaps and the merge stay small next to the scan."""
+        want = -(-numba.get_num_threads() * self.parts_per_thread // tasks)
+        return max(1, min(want, n // self.min_part_rows, n // (64 * keff)))
+
+    @staticmethod
+    def _heaps(nq: int, parts: int, keff: int) -> np.ndarray:
+        return np.full((nq, parts, keff), _EMPTY, dtype=np.uint64)
+
+
+def _padding(b: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((b, k), -1, dtype=np.int64), np.full((b, k), -np.inf, dtype=np.float32)
+
+
+def _check_rows(n: int) -> None:
+    if n >= 1 << 32:
+        raise ValueError(f"at most 2**32 - 1 items are supported, got {n}")
+
+
+def warmup() -> None:
+    """Compile (or load from the cache) every kernel specialisation on tiny inputs."""
+    rng = np.random.default_rng(0)
+    n = 300
+    q = rng.standard_normal((3, 4)).astype(np.float32)
+    items = rng.standard_normal((n, 4)).astype(np.float32)
+    # A long exclude list (bitmap) next to short ones (binary search), and categories.
+    f = Filters.build([True] * n, [list(range(0, n, 1)), [], [2, 2]], [[0], [64], []] * 100, [[0], [], []],
+                      [[], [64], []])
+    for backend in (NumbaTopK(bcast_min_batch=8), NumbaTopK(bcast_min_batch=0), NumbaTopK(fused_max_batch=0)):
+        backend.search(q, items, 2, f)
+    NumbaTopK().rank_scores(items[:, 0], 2, f)
+    NumbaTopK().rank_scores(q @ items.T, 2, f)

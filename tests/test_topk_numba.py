@@ -1,0 +1,260 @@
+"""NumbaTopK against NumpyTopK and the brute-force reference of test_topk.py, on every code path."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamrec.engine.topk import Filters, NumpyTopK, TopKBackend, get_backend
+
+numba_topk = pytest.importorskip("streamrec.engine.cpu.topk")
+NumbaTopK = numba_topk.NumbaTopK
+
+from test_topk import assert_matches, random_case, reference, unit_rows  # noqa: E402  (tests dir is on sys.path)
+
+# Every scoring path, with small blocks so that odd sizes cross part, row-block, query-block and BLAS-chunk
+# boundaries (min_part_rows=5 gives several parts per query even for a few hundred rows).
+PATHS = {
+    "sum": dict(bcast_min_batch=1 << 30, min_part_rows=5, query_block=7),
+    "bcast": dict(bcast_min_batch=0, min_part_rows=5, query_block=21),
+    "blas": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5),
+    "default": dict(),
+}
+
+
+def backend(path: str) -> NumbaTopK:
+    return NumbaTopK(**PATHS[path])
+
+
+def assert_same(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]) -> None:
+    """Exactly the reference backend's answer: same rows, same float32 scores, same padding."""
+    assert got[0].dtype == np.int64 and got[1].dtype == np.float32
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(
+    "b,n,d,k",
+    [(1, 1, 3, 1), (3, 37, 5, 7), (5, 203, 8, 40), (2, 100, 7, 150), (9, 2053, 16, 10), (17, 515, 67, 64)],
+)
+def test_matches_reference(path: str, b: int, n: int, d: int, k: int) -> None:
+    rng = np.random.default_rng([b, n, d, k])
+    case = random_case(rng, b, n, d)
+    f = case.filters()
+    got = backend(path).search(case.queries, case.items, k, f)
+    assert_matches(*got, reference(case, k), k)
+    assert_same(got, NumpyTopK().search(case.queries, case.items, k, f))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("filtered", [False, True])
+def test_duplicate_rows_tie_exactly(path: str, filtered: bool) -> None:
+    # Rows copied from 6 vectors: whole groups of bit-identical scores straddle the k-th place.
+    rng = np.random.default_rng(17)
+    case = random_case(rng, 11, 2500, 24, pool=6, filtered=filtered)
+    f = case.filters()
+    ref = reference(case, 700)
+    for k in (5, 700):
+        got = backend(path).search(case.queries, case.items, k, f)
+        assert_same(got, NumpyTopK().search(case.queries, case.items, k, f))
+        for qi, (ref_rows, _) in enumerate(ref):
+            assert got[0][qi, : min(k, len(ref_rows))].tolist() == ref_rows[:k]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_large_k(path: str) -> None:
+    rng = np.random.default_rng(5)
+    for n in (5003, 300):  # k < N and k > N
+        case = random_case(rng, 3, n, 12)
+        f = case.filters()
+        got = backend(path).search(case.queries, case.items, 4096, f)
+        assert_same(got, NumpyTopK().search(case.queries, case.items, 4096, f))
+        if n == 300:
+            assert_matches(*got, reference(case, 4096), 4096)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_all_excluded(path: str) -> None:
+    rng = np.random.default_rng(2)
+    q, items = unit_rows(rng, 3, 4), unit_rows(rng, 10, 4)
+    everyone = [list(range(10))] * 3
+    cases = [
+        Filters.build([False] * 10, [[]] * 3),
+        Filters.build([True] * 10, everyone),
+        Filters.build([True] * 10, [[]] * 3, [[1]] * 10, [[200]] * 3),  # include a category no item has
+        Filters.build([True] * 10, [[]] * 3, [[1, 70]] * 10, None, [[70]] * 3),  # exclude one all have
+    ]
+    for f in cases:
+        rows, scores = backend(path).search(q, items, 4, f)
+        assert (rows == -1).all() and (scores == -np.inf).all()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_long_and_short_exclude_lists(path: str) -> None:
+    # Long lists (>= max(256, N/64) rows in range) become bitmaps, short ones are binary-searched.
+    rng = np.random.default_rng(21)
+    n = 3000
+    q, items = unit_rows(rng, 5, 8), unit_rows(rng, n, 8)
+    top = np.argsort(-(q @ items.T), axis=1)  # exclude each query's own best rows, so it matters
+    excl = [
+        np.concatenate([top[0, :1500], top[0, :40], [-1, n, n + 7]]).tolist(),  # long, duplicates, out of range
+        rng.permutation(top[1, :300]).tolist(),  # long, unsorted
+        top[2, :255].tolist() + [n + 1] * 10,  # short: 255 in range
+        [],
+        list(range(n)),  # everything
+    ]
+    f = Filters.build(rng.random(n) > 0.05, excl)
+    for k in (10, 2000):
+        got = backend(path).search(q, items, k, f)
+        assert_same(got, NumpyTopK().search(q, items, k, f))
+        for qi, rows in enumerate(excl):
+            assert not set(got[0][qi][got[0][qi] >= 0].tolist()) & set(rows)
+    assert (got[0][4] == -1).all()
+    sc = (q @ items.T).astype(np.float32)
+    assert_same(backend(path).rank_scores(sc, 50, f), NumpyTopK().rank_scores(sc, 50, f))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_categories_across_word_boundary(path: str) -> None:
+    rng = np.random.default_rng(9)
+    n = 40
+    q, items = unit_rows(rng, 4, 6), unit_rows(rng, n, 6)
+    item_cats = [[63] if r % 4 == 0 else [64] if r % 4 == 1 else [127, 0] if r % 4 == 2 else [] for r in range(n)]
+    f = Filters.build([True] * n, [[]] * 4, item_cats, [[64], [63, 127], [], []], [[], [0], [64, 63], [127]])
+    got = backend(path).search(q, items, n, f)
+    assert_same(got, NumpyTopK().search(q, items, n, f))
+    allowed = [{1}, {0}, {2, 3}, {0, 1, 3}]  # r % 4 classes each query may return
+    for qi, classes in enumerate(allowed):
+        live = got[0][qi][got[0][qi] >= 0]
+        assert sorted(live.tolist()) == [r for r in range(n) if r % 4 in classes]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("b,n", [(0, 0), (0, 5), (3, 0)])
+def test_empty_shapes(path: str, b: int, n: int) -> None:
+    rng = np.random.default_rng(0)
+    rows, scores = backend(path).search(unit_rows(rng, b, 4), unit_rows(rng, n, 4), 3, Filters.none(b, n))
+    assert rows.shape == scores.shape == (b, 3) and rows.dtype == np.int64 and scores.dtype == np.float32
+    assert (rows == -1).all() and (scores == -np.inf).all()
+    for s in (np.zeros(n, np.float32), np.zeros((b, n), np.float32)):
+        rows, scores = backend(path).rank_scores(s, 2, Filters.none(b, n))
+        assert rows.shape == (b, 2) and (rows == -1).all() and (scores == -np.inf).all()
+
+
+@pytest.mark.parametrize("path", ["sum", "default"])
+def test_rank_scores(path: str) -> None:
+    rng = np.random.default_rng(11)
+    b, n, k = 4, 3001, 40
+    case = random_case(rng, b, n, 2)
+    f = case.filters()
+    # Small integers: ties everywhere, so rows are compared exactly; -0.0 must tie with 0.0.
+    shared = rng.integers(-2, 4, size=n).astype(np.float32)
+    shared[shared == 0] = np.where(rng.random(int((shared == 0).sum())) < 0.5, -0.0, 0.0)
+    shared[[3, 8, 900]] = -np.inf
+    shared[[5, 2000]] = np.nan
+    per_query = rng.integers(0, 3, size=(b, n)).astype(np.float32)
+    per_query[:, ::7] = np.nan
+    for scores in (shared, np.tile(shared, (b, 1)), per_query):
+        for kk in (k, 1, 5000):
+            got = backend(path).rank_scores(scores, kk, f)
+            assert_same(got, NumpyTopK().rank_scores(scores, kk, f))
+    ref = reference(case, k, [shared.tolist()] * b)
+    got = backend(path).rank_scores(shared, k, f)
+    assert got[0].tolist() == [r + [-1] * (k - len(r)) for r, _ in ref]
+
+
+def test_scores_are_exact_on_every_path() -> None:
+    """float32 of the float64 dot, whatever the path: the float32 pass only gates."""
+    rng = np.random.default_rng(3)
+    case = random_case(rng, 19, 1500, 64)
+    case.items *= rng.uniform(0.5, 2.0, size=(1500, 1)).astype(np.float32)  # norms up to 2: still exact
+    f = case.filters()
+    want = NumpyTopK().search(case.queries, case.items, 30, f)
+    for path in PATHS:
+        assert_same(backend(path).search(case.queries, case.items, 30, f), want)
+    for qi in range(19):  # a query alone gets exactly what it gets inside the batch
+        one = Filters.build(case.valid, case.excl[qi : qi + 1], case.item_cats, case.inc[qi : qi + 1], case.exc[qi : qi + 1])
+        rows, scores = NumbaTopK().search(case.queries[qi : qi + 1], case.items, 30, one)
+        assert (rows[0] == want[0][qi]).all() and (scores[0] == want[1][qi]).all()
+
+
+def test_input_layouts_and_dtypes() -> None:
+    rng = np.random.default_rng(4)
+    q, items = unit_rows(rng, 5, 9), unit_rows(rng, 300, 9)
+    f = Filters.none(5, 300)
+    want = NumbaTopK().search(q, items, 7, f)
+    assert_same(NumbaTopK().search(np.asfortranarray(q).astype(np.float64), np.asfortranarray(items), 7, f), want)
+    assert_same(NumbaTopK().search(q, items[:, :], 7.0, f), want)
+
+
+def test_validation_errors() -> None:
+    b = NumbaTopK()
+    q, items = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError):
+        b.search(q, items, 0, Filters.none(2, 4))
+    with pytest.raises(ValueError):
+        b.search(q, items, 1, Filters.none(3, 4))
+    with pytest.raises(ValueError):
+        b.search(q, np.ones((4, 2), np.float32), 1, Filters.none(2, 4))
+    with pytest.raises(ValueError):
+        b.rank_scores(np.ones((2, 5), np.float32), 1, Filters.none(2, 4))
+    with pytest.raises(ValueError):
+        b.rank_scores(np.ones((2, 2, 2), np.float32), 1, Filters.none(2, 2))
+    with pytest.raises(ValueError):
+        NumbaTopK(query_block=0)
+
+
+def test_concurrent_calls_from_threads() -> None:
+    rng = np.random.default_rng(8)
+    case = random_case(rng, 6, 3000, 32)
+    f = case.filters()
+    want = NumpyTopK().search(case.queries, case.items, 12, f)
+    results: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def work(path: str) -> None:
+        for _ in range(3):
+            results.append(backend(path).search(case.queries, case.items, 12, f))
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in ("sum", "bcast", "blas", "default")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12
+    for got in results:
+        assert_same(got, want)
+
+
+def test_registry_and_warmup() -> None:
+    numba_topk.warmup()
+    for name in ("numba", "auto"):
+        b = get_backend(name)
+        assert isinstance(b, NumbaTopK) and isinstance(b, TopKBackend) and b.name == "numba"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(0, 6),
+    n=st.integers(0, 60),
+    d=st.integers(1, 10),
+    k=st.integers(1, 70),
+    path=st.sampled_from(list(PATHS)),
+    pool=st.one_of(st.none(), st.integers(1, 6)),
+    filtered=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_matches_reference(
+    b: int, n: int, d: int, k: int, path: str, pool: int | None, filtered: bool, seed: int
+) -> None:
+    case = random_case(np.random.default_rng(seed), b, n, d, pool=pool, filtered=filtered)
+    f = case.filters()
+    got = backend(path).search(case.queries, case.items, k, f)
+    assert_matches(*got, reference(case, k), k)
+    assert_same(got, NumpyTopK().search(case.queries, case.items, k, f))
+    scores = np.random.default_rng(seed).integers(0, 4, size=(b, n)).astype(np.float32)
+    assert_same(backend(path).rank_scores(scores, k, f), NumpyTopK().rank_scores(scores, k, f))
