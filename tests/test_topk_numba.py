@@ -16,10 +16,11 @@ NumbaTopK = numba_topk.NumbaTopK
 from test_topk import assert_matches, random_case, reference, unit_rows  # noqa: E402  (tests dir is on sys.path)
 
 # Every scoring path, with small blocks so that odd sizes cross part, row-block, query-block and BLAS-chunk
-# boundaries (min_part_rows=5 gives several parts per query even for a few hundred rows).
+# boundaries: min_parallel_work=0 and min_part_rows=5 give parallel calls with several parts per query
+# even for a few hundred rows ("default" runs such small inputs in the calling thread).
 PATHS = {
-    "sum": dict(bcast_min_batch=1 << 30, min_part_rows=5, query_block=7),
-    "bcast": dict(bcast_min_batch=0, min_part_rows=5, query_block=21),
+    "sum": dict(bcast_min_batch=1 << 30, min_part_rows=5, min_parallel_work=0, query_block=7),
+    "bcast": dict(bcast_min_batch=0, min_part_rows=5, min_parallel_work=0, query_block=21),
     "blas": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5),
     "default": dict(),
 }
@@ -95,8 +96,11 @@ def test_all_excluded(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_long_and_short_exclude_lists(path: str) -> None:
-    # Long lists (>= max(256, N/64) rows in range) become bitmaps, short ones are binary-searched.
+@pytest.mark.parametrize("parallel_prep", [False, True])
+def test_long_and_short_exclude_lists(path: str, parallel_prep: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Long lists (>= max(256, N/512) entries) become bitmaps, short ones are sorted and binary-searched.
+    if parallel_prep:  # normally only from 1M exclude entries
+        monkeypatch.setattr(numba_topk, "_PARALLEL_PREP_ROWS", 0)
     rng = np.random.default_rng(21)
     n = 3000
     q, items = unit_rows(rng, 5, 8), unit_rows(rng, n, 8)
@@ -104,7 +108,7 @@ def test_long_and_short_exclude_lists(path: str) -> None:
     excl = [
         np.concatenate([top[0, :1500], top[0, :40], [-1, n, n + 7]]).tolist(),  # long, duplicates, out of range
         rng.permutation(top[1, :300]).tolist(),  # long, unsorted
-        top[2, :255].tolist() + [n + 1] * 10,  # short: 255 in range
+        top[2, :200].tolist()[::-1] + [n + 1, -5] * 20,  # short (240 entries), unsorted, out of range
         [],
         list(range(n)),  # everything
     ]
@@ -178,7 +182,8 @@ def test_scores_are_exact_on_every_path() -> None:
     for path in PATHS:
         assert_same(backend(path).search(case.queries, case.items, 30, f), want)
     for qi in range(19):  # a query alone gets exactly what it gets inside the batch
-        one = Filters.build(case.valid, case.excl[qi : qi + 1], case.item_cats, case.inc[qi : qi + 1], case.exc[qi : qi + 1])
+        sl = slice(qi, qi + 1)
+        one = Filters.build(case.valid, case.excl[sl], case.item_cats, case.inc[sl], case.exc[sl])
         rows, scores = NumbaTopK().search(case.queries[qi : qi + 1], case.items, 30, one)
         assert (rows[0] == want[0][qi]).all() and (scores[0] == want[1][qi]).all()
 

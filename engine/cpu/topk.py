@@ -37,6 +37,7 @@ _EMPTY = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # heap filler: worse than any real ke
 _LOW32 = np.uint64(0xFFFF_FFFF)
 _SIGN = np.uint32(0x8000_0000)
 _MIN_BITMAP_ROWS = 256  # shorter exclude lists are always searched, not turned into bitmaps
+_PARALLEL_PREP_ROWS = 1 << 20  # exclude entries from which their preparation runs in parallel
 _GATE_BLOCK = 32  # score-block size of the vectorised "anything above threshold?" test
 _ROW_BLOCK = 256  # fused kernels: rows kept in L2 (64 KiB at d = 64) while the queries sweep them
 _QUERY_BLOCK = 64  # broadcast tiles: transposed query columns kept in L1 (16 KiB at d = 64)
@@ -339,10 +340,9 @@ def _offer(heap, b, r, score, rescore, queries, items, margin, gate, flt):
     if score != score or score == -np.inf:
         return gate
     key = _key(score, r)
-    if key >= heap[0]:
-        return gate
-    _replace_top(heap, key)
-    return _gate(heap, margin)
+    if key < heap[0]:
+        _replace_top(heap, key)
+    return _gate(heap, margin)  # also when rejected: callers may bring a stale gate
 
 
 @njit(nogil=True, cache=True)
@@ -501,74 +501,73 @@ def _select_parallel(scores, shared, row0, q0, rescore, queries, items, heaps, g
 
 
 @njit(nogil=True, cache=True)
-def _select_serial(scores, row0, q0, queries, items, heaps, gates, margins, flt):
-    """_select_parallel for the BLAS path with one part: in the calling thread, because a Numba thread
-    pool alternating with OpenBLAS's (both spin after their work) made that path several times slower."""
-    for bl in range(heaps.shape[0]):
-        gates[bl, 0] = _scan(scores[bl], 0, scores.shape[1], row0, q0 + bl, True, queries, items, heaps[bl, 0],
-                             gates[bl, 0], margins[q0 + bl], flt)
+def _select_serial(scores, shared, row0, q0, rescore, queries, items, heaps, gates, margins, flt):
+    """_select_parallel in the calling thread: for small inputs, and for the BLAS path, where a Numba
+    thread pool alternating with OpenBLAS's (both spin after their work) made it several times slower."""
+    nq, parts = heaps.shape[0], heaps.shape[1]
+    c = scores.shape[1]
+    for task in range(nq * parts):
+        bl = task // parts
+        p = task - bl * parts
+        gates[bl, p] = _scan(scores[0] if shared else scores[bl], c * p // parts, c * (p + 1) // parts, row0,
+                             q0 + bl, rescore, queries, items, heaps[bl, p], gates[bl, p], margins[q0 + bl], flt)
 
 
 @njit(nogil=True, cache=True)
-def _count_in_range(ptr, rows, n):
-    """Rows 0 <= r < n in each query's CSR segment (the others exclude nothing).
-
-    This and _split_excludes run in the calling thread: they are one cheap pass each, and on a loaded
-    host every parallel region can wait milliseconds for a descheduled worker thread.
-    """
-    counts = np.zeros(ptr.size - 1, dtype=np.int64)
-    for b in range(ptr.size - 1):
-        c = 0
-        for j in range(ptr[b], ptr[b + 1]):
-            c += 0 <= rows[j] < n
-        counts[b] = c
-    return counts
-
-
-@njit(nogil=True, cache=True)
-def _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows):
-    """In-range excludes of each query into its bitmap (bitmap_of[b] >= 0) or into its sorted segment
-    ex_rows[ex_ptr[b]:ex_ptr[b + 1]]."""
-    for b in range(ptr.size - 1):
+def _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, b0, b1):
+    """Excludes of queries b0 .. b1 into their bitmap (bitmap_of[b] >= 0; rows outside [0, n) skipped) or
+    copied into their segment ex_rows[ex_ptr[b]:ex_ptr[b + 1]] and sorted (out-of-range rows may stay:
+    no row in [0, n) ever matches them)."""
+    for b in range(b0, b1):
         m = bitmap_of[b]
-        out = ex_ptr[b]
-        for j in range(ptr[b], ptr[b + 1]):
-            r = rows[j]
-            if 0 <= r < n:
-                if m >= 0:
+        if m >= 0:
+            for j in range(ptr[b], ptr[b + 1]):
+                r = rows[j]
+                if 0 <= r < n:
                     bitmaps[m, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
-                else:
-                    ex_rows[out] = r
-                    out += 1
-        seg = ex_rows[ex_ptr[b]:out]
+            continue
+        seg = ex_rows[ex_ptr[b]:ex_ptr[b + 1]]
+        seg[:] = rows[ptr[b]:ptr[b + 1]]
         for j in range(1, seg.size):
-            if seg[j] < seg[j - 1]:  # sort only when not already sorted
+            if seg[j] < seg[j - 1]:  # sort only when not sorted already
                 seg.sort()
                 break
 
 
+@njit(parallel=True, nogil=True, cache=True)
+def _split_excludes_parallel(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, chunks):
+    nb = ptr.size - 1
+    for c in prange(chunks):
+        _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, nb * c // chunks, nb * (c + 1) // chunks)
+
+
 class _Prepared:
-    """Filter arrays in the form the kernels take, built once per call in two passes over the excludes.
+    """Filter arrays in the form the kernels take, built once per call in one pass over the excludes.
 
     Each query's excludes become either a bitmap over the rows (long lists: one bit test per candidate,
-    no sort) or a sorted list for binary search. Lists of >= max(256, N / 512) rows get a bitmap: at most
-    8x the list's own bytes, and the lists left to sort stay short (Numba's sort is slow on long ones).
-    Out-of-range rows are dropped.
+    no sort) or a sorted copy for binary search. Lists of >= max(256, N / 512) entries get a bitmap: at
+    most 8x the list's own bytes, and the lists left to sort stay short (Numba's sort is slow on long ones).
+    The pass runs in the calling thread unless the lists are big: on a loaded host a parallel region can
+    wait milliseconds for a descheduled worker, more than a small pass costs.
     """
 
     def __init__(self, filters: Filters) -> None:
         b, n = filters.num_queries, filters.num_items
-        counts = _count_in_range(filters.exclude_indptr, filters.exclude_rows, n)
-        long = np.flatnonzero(counts >= max(_MIN_BITMAP_ROWS, n // 512))
+        ptr, rows = filters.exclude_indptr, filters.exclude_rows
+        lengths = np.diff(ptr)
+        long = np.flatnonzero(lengths >= max(_MIN_BITMAP_ROWS, n // 512))
         self.bitmap_of = np.full(b, -1, dtype=np.int64)
         self.bitmap_of[long] = np.arange(long.size)
         self.bitmaps = np.zeros((long.size, (n + 63) // 64), dtype=np.uint64)
-        counts[long] = 0
+        lengths[long] = 0
         self.ex_ptr = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum(counts, out=self.ex_ptr[1:])
+        np.cumsum(lengths, out=self.ex_ptr[1:])
         self.ex_rows = np.empty(self.ex_ptr[-1], dtype=np.int64)
-        _split_excludes(filters.exclude_indptr, filters.exclude_rows, n, self.bitmap_of, self.bitmaps,
-                        self.ex_ptr, self.ex_rows)
+        args = (ptr, rows, n, self.bitmap_of, self.bitmaps, self.ex_ptr, self.ex_rows)
+        if rows.size >= _PARALLEL_PREP_ROWS:
+            _split_excludes_parallel(*args, min(b, 4 * numba.get_num_threads()))
+        else:
+            _split_excludes(*args, 0, b)
         cats = filters.words > 0
         self.has_inc = filters.include_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
         self.has_exc = filters.exclude_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
@@ -619,12 +618,16 @@ class NumbaTopK:
     block_bytes: size of one float32 [queries, chunk] score block on the BLAS path.
     parts_per_thread: item parts per thread, handed out dynamically so that a thread slowed by other
         processes does not hold up the call; min_part_rows: the smallest part.
+    min_parallel_work: below this many multiply-adds (~1 ms on one core) a call runs in the calling
+        thread: a parallel region's barrier costs ~30 us, and milliseconds whenever the host is loaded
+        and a worker thread is descheduled (seen as 1-18 ms outliers on 20 us calls).
     """
 
     name = "numba"
 
     def __init__(self, fused_max_batch: int | None = None, bcast_min_batch: int = 5, query_block: int = 512,
-                 block_bytes: int = 4 << 20, parts_per_thread: int = 4, min_part_rows: int = 1024) -> None:
+                 block_bytes: int = 4 << 20, parts_per_thread: int = 4, min_part_rows: int = 1024,
+                 min_parallel_work: int = 1 << 23) -> None:
         if min(query_block, block_bytes, parts_per_thread, min_part_rows) < 1 or bcast_min_batch < 0:
             raise ValueError("query_block, block_bytes, parts_per_thread, min_part_rows must be >= 1")
         if fused_max_batch is not None and fused_max_batch < 0:
@@ -635,6 +638,7 @@ class NumbaTopK:
         self.block_bytes = int(block_bytes)
         self.parts_per_thread = int(parts_per_thread)
         self.min_part_rows = int(min_part_rows)
+        self.min_parallel_work = int(min_parallel_work)
 
     def search(
         self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
@@ -654,16 +658,23 @@ class NumbaTopK:
         fused = self.fused_max_batch is None or b <= self.fused_max_batch
         for q0 in range(0, b, self.query_block):
             nq = min(b, q0 + self.query_block) - q0
+            parts = self._parts(n, 1, keff, n * queries.shape[1] * max(nq, 4))
             if fused and nq < self.bcast_min_batch:
-                heaps = self._heaps(nq, self._parts(n, 1, keff), keff)
-                with numba.parallel_chunksize(1):
-                    _fused_sum(queries, q0, items, heaps, margins, prep.kernel_args())
+                heaps = self._heaps(nq, parts, keff)
+                if parts == 1:
+                    _sum_part(queries, q0, items, 0, n, 0, heaps, margins, prep.kernel_args())
+                else:
+                    with numba.parallel_chunksize(1):
+                        _fused_sum(queries, q0, items, heaps, margins, prep.kernel_args())
             elif fused:
-                heaps = self._heaps(nq, self._parts(n, 1, keff), keff)
+                heaps = self._heaps(nq, parts, keff)
                 qt = np.zeros((queries.shape[1], -(-nq // 8) * 8), dtype=np.float32)
                 qt[:, :nq] = queries[q0:q0 + nq].T
-                with numba.parallel_chunksize(1):
-                    _fused_bcast(qt, q0, queries, items, heaps, margins, prep.kernel_args())
+                if parts == 1:
+                    _bcast_part(qt, q0, queries, items, 0, n, 0, heaps, margins, prep.kernel_args())
+                else:
+                    with numba.parallel_chunksize(1):
+                        _fused_bcast(qt, q0, queries, items, heaps, margins, prep.kernel_args())
             else:
                 heaps = self._blas_pass(queries, q0, nq, items, keff, margins, prep)
             _merge(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
@@ -690,12 +701,16 @@ class NumbaTopK:
         none = np.zeros((1, 1), dtype=np.float32)  # no rescoring: queries and items are never read
         for q0 in range(0, b, self.query_block):
             nq = min(b, q0 + self.query_block) - q0
-            parts = self._parts(n, nq, keff)
+            parts = self._parts(n, nq, keff, n * nq)
             heaps = self._heaps(nq, parts, keff)
             gates = np.full((nq, parts), -np.inf, dtype=np.float32)
-            block = scores if shared else scores[q0:q0 + nq]
-            with numba.parallel_chunksize(1):
-                _select_parallel(block, shared, 0, q0, False, none, none, heaps, gates, margins, prep.kernel_args())
+            args = (scores if shared else scores[q0:q0 + nq], shared, 0, q0, False, none, none, heaps, gates,
+                    margins, prep.kernel_args())
+            if nq * parts == 1:
+                _select_serial(*args)
+            else:
+                with numba.parallel_chunksize(1):
+                    _select_parallel(*args)
             _merge(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
         return out_rows, out_scores
 
@@ -711,12 +726,16 @@ class NumbaTopK:
             hi = min(n, lo + chunk)
             s = block if hi - lo == chunk else np.empty((nq, hi - lo), dtype=np.float32)
             np.matmul(qb, items[lo:hi].T, out=s)
-            _select_serial(s, lo, q0, queries, items, heaps, gates, margins, prep.kernel_args())
+            _select_serial(s, False, lo, q0, True, queries, items, heaps, gates, margins, prep.kernel_args())
         return heaps
 
-    def _parts(self, n: int, tasks: int, keff: int) -> int:
-        """Item parts per query: enough (tasks * parts) to keep every thread busy, but each part at least
-        min_part_rows and 64 * keff rows, so that heaps and the merge stay small next to the scan."""
+    def _parts(self, n: int, tasks: int, keff: int, work: int) -> int:
+        """Item parts per task (query): enough (tasks * parts) to keep every thread busy, but each part at
+        least min_part_rows and 64 * keff rows, so that heaps and the merge stay small next to the scan.
+        One part, run in the calling thread, when the work (~multiply-adds) is too small to be worth a
+        parallel region: its barrier costs ~30 us, and milliseconds when a worker thread is descheduled."""
+        if work < self.min_parallel_work:
+            return 1
         want = -(-numba.get_num_threads() * self.parts_per_thread // tasks)
         return max(1, min(want, n // self.min_part_rows, n // (64 * keff)))
 
@@ -741,9 +760,15 @@ def warmup() -> None:
     q = rng.standard_normal((3, 4)).astype(np.float32)
     items = rng.standard_normal((n, 4)).astype(np.float32)
     # A long exclude list (bitmap) next to short ones (binary search), and categories.
-    f = Filters.build([True] * n, [list(range(0, n, 1)), [], [2, 2]], [[0], [64], []] * 100, [[0], [], []],
+    f = Filters.build([True] * n, [list(range(n)), [], [2, 2]], [[0], [64], []] * 100, [[0], [], []],
                       [[], [64], []])
-    for backend in (NumbaTopK(bcast_min_batch=8), NumbaTopK(bcast_min_batch=0), NumbaTopK(fused_max_batch=0)):
-        backend.search(q, items, 2, f)
-    NumbaTopK().rank_scores(items[:, 0], 2, f)
-    NumbaTopK().rank_scores(q @ items.T, 2, f)
+    for work in (0, 1 << 62):  # parallel drivers (several parts even here) and calling-thread versions
+        opts = dict(min_parallel_work=work, min_part_rows=1)
+        for backend in (NumbaTopK(bcast_min_batch=8, **opts), NumbaTopK(bcast_min_batch=0, **opts),
+                        NumbaTopK(fused_max_batch=0)):
+            backend.search(q, items, 2, f)
+        NumbaTopK(**opts).rank_scores(items[:, 0], 2, f)
+        NumbaTopK(**opts).rank_scores(q @ items.T, 2, f)
+    prep = _Prepared(f)  # and the parallel preparation of big exclude lists
+    _split_excludes_parallel(f.exclude_indptr, f.exclude_rows, n, prep.bitmap_of, prep.bitmaps, prep.ex_ptr,
+                             prep.ex_rows, 2)
