@@ -224,6 +224,17 @@ def _check_k(k: int) -> int:
     return k
 
 
+def check_search_args(queries, items, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray, int]:
+    """The checks every backend's search() makes: contiguous float32 [B, d] and [N, d], k >= 1, filters sized."""
+    k = _check_k(k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    items = np.ascontiguousarray(items, dtype=np.float32)
+    if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"need queries [B, d] and items [N, d], got {queries.shape} and {items.shape}")
+    filters.check(queries.shape[0], items.shape[0])
+    return queries, items, k
+
+
 def _any_shared(query_bits: np.ndarray, item_bits: np.ndarray) -> np.ndarray:
     """bool [b, c]: query i and item j share a category. One word at a time keeps temporaries at [b, c]."""
     out = np.zeros((query_bits.shape[0], item_bits.shape[0]), dtype=np.bool_)
@@ -278,11 +289,7 @@ class NumpyTopK:
     def search(
         self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
     ) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        queries = np.asarray(queries, dtype=np.float32)
-        items = np.asarray(items, dtype=np.float32)
-        if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
-            raise ValueError(f"need queries [B, d] and items [N, d], got {queries.shape} and {items.shape}")
+        queries, items, k = check_search_args(queries, items, k, filters)
         q64 = queries.astype(np.float64)
 
         def score_chunk(lo: int, hi: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..topk import Filters, _check_k
+from ..topk import Filters, _check_k, check_search_args
 
 __all__ = ["NumbaTopK", "warmup"]
 
@@ -643,13 +643,8 @@ class NumbaTopK:
     def search(
         self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
     ) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        items = np.ascontiguousarray(items, dtype=np.float32)
-        if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
-            raise ValueError(f"need queries [B, d] and items [N, d], got {queries.shape} and {items.shape}")
+        queries, items, k = check_search_args(queries, items, k, filters)
         b, n = queries.shape[0], items.shape[0]
-        filters.check(b, n)
         out_rows, out_scores = _padding(b, k)
         if b == 0 or n == 0:
             return out_rows, out_scores

@@ -30,7 +30,7 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda
 
-from ..topk import Filters
+from ..topk import Filters, check_search_args
 from . import CUDA_AVAILABLE
 
 __all__ = ["CUDA_AVAILABLE", "MAX_PASS_K", "CudaTopK", "DeviceItemMatrix"]
@@ -676,12 +676,7 @@ class CudaTopK:
     # --- TopKBackend ---------------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        items = np.ascontiguousarray(items, dtype=np.float32)
-        if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
-            raise ValueError(f"need queries [B, d] and items [N, d], got {queries.shape} and {items.shape}")
-        filters.check(queries.shape[0], items.shape[0])
+        queries, items, k = check_search_args(queries, items, k, filters)
         if queries.shape[0] == 0 or items.shape[0] == 0:
             return _padded(queries.shape[0], k)
         with self._lock:  # one cached device matrix per backend instance
