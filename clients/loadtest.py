@@ -160,6 +160,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.latency = Histogram()
+        self.error_latency = Histogram()  # how fast failures come back (e.g. RESOURCE_EXHAUSTED under overload)
         self.by_op: dict[str, Histogram] = {}
         self.ops: dict[str, int] = {}
         self.errors: dict[str, int] = {}
@@ -191,6 +192,7 @@ class Recorder:
             slot["latency"].record(latency_s)
         else:
             self.errors[code] = self.errors.get(code, 0) + 1
+            self.error_latency.record(latency_s)
             slot["errors"] += 1
 
     @property
@@ -203,7 +205,7 @@ class Recorder:
 
     def to_dict(self) -> dict:
         return {
-            "latency": self.latency.to_dict(), "by_op": {k: v.to_dict() for k, v in self.by_op.items()},
+            "latency": self.latency.to_dict(), "error_latency": self.error_latency.to_dict(), "by_op": {k: v.to_dict() for k, v in self.by_op.items()},
             "ops": self.ops, "errors": self.errors, "ack_lag": self.ack_lag.to_dict(),
             "schedule_lag": self.schedule_lag.to_dict(), "events": self.events, "issued": self.issued,
             "last_send_s": self.last_send_s, "last_done_s": self.last_done_s, "slot_waits": self.slot_waits,
@@ -214,6 +216,7 @@ class Recorder:
     def from_dict(cls, data: dict) -> "Recorder":
         recorder = cls()
         recorder.latency = Histogram.from_dict(data["latency"])
+        recorder.error_latency = Histogram.from_dict(data["error_latency"])
         recorder.by_op = {k: Histogram.from_dict(v) for k, v in data["by_op"].items()}
         recorder.ops, recorder.errors, recorder.events = dict(data["ops"]), dict(data["errors"]), dict(data["events"])
         recorder.ack_lag, recorder.schedule_lag = Histogram.from_dict(data["ack_lag"]), Histogram.from_dict(data["schedule_lag"])
@@ -225,6 +228,7 @@ class Recorder:
 
     def merge(self, other: "Recorder") -> "Recorder":
         self.latency.merge(other.latency)
+        self.error_latency.merge(other.error_latency)
         for op, histogram in other.by_op.items():
             self.by_op.setdefault(op, Histogram()).merge(histogram)
         for mine, theirs in ((self.ops, other.ops), (self.errors, other.errors), (self.events, other.events)):
@@ -797,6 +801,7 @@ def build_report(args, recorder: Recorder, dataset: str, users: int, items: int,
         "throughput_rps": round(recorder.ok / done_span, 2),
         "achieved_rate_rps": round(recorder.issued / send_span, 2),
         "latency_ms": recorder.latency.summary_ms(),
+        "error_latency_ms": recorder.error_latency.summary_ms(),
         "latency_by_op_ms": {op: h.summary_ms() for op, h in sorted(recorder.by_op.items())},
         "event_ack_lag_ms": recorder.ack_lag.summary_ms(),
         "schedule_lag_ms": recorder.schedule_lag.summary_ms(),

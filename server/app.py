@@ -49,6 +49,9 @@ class ServerConfig:
     data_dir: Path = Path("data")
     dataset: str = "ml-100k"  # seeds an empty data dir: ml-100k | synthetic | none
     workers: int = 32  # each open stream holds a worker thread
+    # Calls admitted at once (running + waiting for a worker). Beyond it gRPC answers RESOURCE_EXHAUSTED at
+    # once instead of queueing without bound in the executor: memory stays flat under a flood.
+    max_concurrent_rpcs: int | None = None  # None = 4 x workers
     max_message_bytes: int = 16 << 20
     grace_s: float = 10.0
     metrics_port: int | None = None  # Prometheus /metrics; None = off, 0 = any free port
@@ -94,7 +97,7 @@ class StreamrecServer:
                         RequestDecodeInterceptor()]
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"), options=options,
-            interceptors=interceptors)
+            interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs or 4 * config.workers)
         events_pb2_grpc.add_EventServiceServicer_to_server(EventServicer(self.holder), self.grpc_server)
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)

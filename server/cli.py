@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-storage", choices=["float32", "float16"], default=_env("GPU_STORAGE", "float32"),
                        help="item matrix storage on the GPU (accumulation is float32)")
     serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 32)), help="RPC worker threads")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=_env("MAX_CONCURRENT_RPCS", None),
+                       help="calls admitted at once, running or waiting; beyond: RESOURCE_EXHAUSTED (default 4 x workers)")
     serve.add_argument("--checkpoint-interval", type=float, default=float(_env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync)
         config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                               workers=args.workers, engine=engine,
+                              max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),
                               metrics_port=None if args.metrics_port is None else int(args.metrics_port),
                               tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                               tokens_file=args.tokens_file)
