@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from .types import Event, EventType, ItemSpec
 
 _VALID_TYPES = frozenset(int(t) for t in EventType)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")  # a C-level scan: ids are checked on every event
 
 
 @dataclass(slots=True)
@@ -27,14 +29,18 @@ def id_problem(value: str, limits: Limits) -> str | None:
     """Why an id is unusable, or None. Control characters are refused: ids end up in logs and keys."""
     if not value:
         return "must not be empty"
-    if len(value.encode("utf-8", "surrogatepass")) > limits.max_id_bytes:
+    if value.isascii():  # the common case: one byte per character, no surrogates
+        if len(value) > limits.max_id_bytes:
+            return f"longer than {limits.max_id_bytes} bytes"
+    elif len(value.encode("utf-8", "surrogatepass")) > limits.max_id_bytes:
         return f"longer than {limits.max_id_bytes} bytes"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL_CHARACTER.search(value):
         return "contains control characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid unicode (lone surrogate)"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid unicode (lone surrogate)"
     return None
 
 
