@@ -389,3 +389,8 @@ class AsyncStreamrecClient:
 
     async def stats(self, timeout_s: float | None = None, retry: bool | None = None) -> catalog_pb2.StatsResponse:
         return await self._unary(self.catalog.Stats, catalog_pb2.StatsRequest(), timeout_s, True, retry)
+
+    async def load_reranker(self, path: str = "", unload: bool = False, timeout_s: float | None = None,
+                            retry: bool | None = None) -> catalog_pb2.RerankerInfo:
+        request = catalog_pb2.LoadRerankerRequest(path=path, unload=unload)
+        return await self._unary(self.catalog.LoadReranker, request, timeout_s, True, retry)

@@ -25,13 +25,17 @@ def _print(message, as_json: bool) -> None:
 
 def cmd_recommend(args, client: StreamrecClient) -> None:
     response = client.recommend(args.user_id, k=args.k, include_categories=args.category or (),
-                                exclude_seen=None if args.exclude_seen else False)
+                                exclude_seen=None if args.exclude_seen else False, rerank=args.rerank,
+                                candidates=args.candidates)
     if args.json:
         return _print(response, True)
+    reranker = response.served_by.reranker
     print(f"{response.strategy} recommendations for {response.user_id} "
-          f"(model {response.served_by.model_version}, {response.server_latency_us} us):")
+          f"(model {response.served_by.model_version}{f', reranked by {reranker}' if reranker else ''}, "
+          f"{response.server_latency_us} us):")
     for rank, item in enumerate(response.items, 1):
-        print(f"{rank:4d}. {item.item_id:<20} {item.score:8.4f}  {', '.join(item.categories)}")
+        retrieval = f" (cosine {item.retrieval_score:.4f})" if reranker else ""
+        print(f"{rank:4d}. {item.item_id:<20} {item.score:8.4f}{retrieval}  {', '.join(item.categories)}")
 
 
 def cmd_similar(args, client: StreamrecClient) -> None:
@@ -93,6 +97,10 @@ def cmd_stats(args, client: StreamrecClient) -> None:
     _print(client.stats(), True)
 
 
+def cmd_load_reranker(args, client: StreamrecClient) -> None:
+    _print(client.load_reranker(args.path, unload=args.unload), True)
+
+
 def cmd_health(args, client: StreamrecClient) -> None:
     print(client.health(args.service))
 
@@ -142,6 +150,10 @@ def register(subparsers) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--category", action="append", help="only items in this category (repeatable)")
     p.add_argument("--include-seen", dest="exclude_seen", action="store_false", help="allow items the user already saw")
+    p.add_argument("--no-rerank", dest="rerank", action="store_const", const=False, default=None,
+                   help="retrieval order only (skip the reranking model)")
+    p.add_argument("--rerank", dest="rerank", action="store_const", const=True, help="ask for reranking")
+    p.add_argument("--candidates", type=int, default=0, help="retrieved candidates to rerank (default: the server's)")
     p.add_argument("--json", action="store_true")
 
     p = add("similar", cmd_similar, "items most similar to an item")
@@ -166,6 +178,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=500)
 
     add("stats", cmd_stats, "server statistics")
+    p = add("load-reranker", cmd_load_reranker, "swap the server's reranking model (validated first; admin)")
+    p.add_argument("path", nargs="?", default="", help="ONNX file on the server (default: re-read the current one)")
+    p.add_argument("--unload", action="store_true", help="serve retrieval only")
     p = add("health", cmd_health, "health status (SERVING / NOT_SERVING)")
     p.add_argument("--service", default="")
 

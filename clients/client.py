@@ -442,7 +442,10 @@ class StreamrecClient:
     @staticmethod
     def recommend_request(user_id: str, k: int | None = None, exclude_seen: bool | None = None,
                           exclude_item_ids: Sequence[str] = (), include_categories: Sequence[str] = (),
-                          exclude_categories: Sequence[str] = (), request_id: str = "") -> recommend_pb2.RecommendRequest:
+                          exclude_categories: Sequence[str] = (), request_id: str = "", rerank: bool | None = None,
+                          candidates: int = 0) -> recommend_pb2.RecommendRequest:
+        """rerank: None = the server's default, False = retrieval order only, True = rerank (when a model is
+        loaded); candidates: how many retrieved items the model reorders (0 = server default)."""
         request = recommend_pb2.RecommendRequest(
             request_id=request_id, user_id=user_id, exclude_item_ids=exclude_item_ids,
             include_categories=include_categories, exclude_categories=exclude_categories,
@@ -451,6 +454,10 @@ class StreamrecClient:
             request.k = k
         if exclude_seen is not None:
             request.exclude_seen = exclude_seen
+        if rerank is not None:
+            request.rerank.enabled = rerank
+        if candidates:
+            request.rerank.candidates = candidates
         return request
 
     def recommend(self, user_id: str, k: int | None = None, timeout_s: float | None = None, retry: bool | None = None,
@@ -523,6 +530,13 @@ class StreamrecClient:
 
     def stats(self, timeout_s: float | None = None, retry: bool | None = None) -> catalog_pb2.StatsResponse:
         return self._unary(self.catalog.Stats, catalog_pb2.StatsRequest(), timeout_s, True, retry)
+
+    def load_reranker(self, path: str = "", unload: bool = False, timeout_s: float | None = None,
+                      retry: bool | None = None) -> catalog_pb2.RerankerInfo:
+        """Swap the server's reranking model for the ONNX file at `path` (on the server); "" re-reads the
+        current one; unload=True serves retrieval only. A model that fails validation: INVALID_ARGUMENT."""
+        request = catalog_pb2.LoadRerankerRequest(path=path, unload=unload)
+        return self._unary(self.catalog.LoadReranker, request, timeout_s, True, retry)
 
     # --- diagnostics -------------------------------------------------------------------------------------
     def ping(self, payload: bytes = b"", timeout_s: float | None = None) -> diagnostics_pb2.PingResponse:

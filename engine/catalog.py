@@ -157,13 +157,26 @@ class ItemCatalog:
         self.device_changes.clear()
         return rows
 
-    def record_interaction(self, row: int, weight: float, timestamp_ms: int, positive: bool) -> None:
-        self.interactions[row] += 1
+    def record_interaction(self, row: int, weight: float, timestamp_ms: int, positive: bool, count: bool = True) -> None:
+        """count=False: the online update kernel already counted it in `interactions`."""
+        self.interactions[row] += count
         self.last_event_ms[row] = max(self.last_event_ms[row], timestamp_ms)
         if positive and weight > 0:
             term = math.log2(weight) + timestamp_ms / self.half_life_ms
             self.log2_popularity[row] = np.logaddexp2(self.log2_popularity[row], term)
         self.dirty_rows.add(row)
+
+    def record_interactions(self, rows: np.ndarray, weights: np.ndarray, timestamps_ms: np.ndarray,
+                            positive: np.ndarray) -> None:
+        """record_interaction(count=False) for a batch of events in log order, with the same resulting bits:
+        ufunc.at applies unbuffered in index order, so an item hit twice folds its terms in the same sequence
+        as the per-event loop (logaddexp2 is not associative; the order must not depend on batching)."""
+        np.maximum.at(self.last_event_ms, rows, timestamps_ms)
+        liked = positive & (weights > 0)
+        if liked.any():
+            terms = np.log2(weights[liked]) + timestamps_ms[liked] / self.half_life_ms
+            np.logaddexp2.at(self.log2_popularity, rows[liked], terms)
+        self.dirty_rows.update(np.unique(rows).tolist())
 
     def popularity_at(self, row: int, now_ms: int) -> float:
         """Decayed count of positive events as of now_ms."""

@@ -31,6 +31,7 @@ __all__ = [
     "RecordKind",
     "DeleteItem",
     "encode_event",
+    "encode_events",
     "encode_upsert",
     "encode_delete",
     "decode",
@@ -61,6 +62,7 @@ VECTOR_DTYPE = np.dtype("<f4")
 _U32 = struct.Struct("<I")
 _EVENT = struct.Struct("<BBBdqIII")
 _EVENT_HDR_SIZE = _EVENT.size
+_EVENT_KIND = int(RecordKind.EVENT)
 
 _UPSERT_PREFIX = bytes([RecordKind.UPSERT_ITEM, VERSION])
 _DELETE_PREFIX = bytes([RecordKind.DELETE_ITEM, VERSION])
@@ -161,12 +163,29 @@ def encode_event(e: Event) -> bytes:
     uid = e.user_id.encode("utf-8")
     iid = e.item_id.encode("utf-8")
     try:
-        head = _EVENT.pack(
-            RecordKind.EVENT, VERSION, int(e.type), e.value, e.timestamp_ms, len(eid), len(uid), len(iid)
-        )
+        head = _EVENT.pack(_EVENT_KIND, VERSION, int(e.type), e.value, e.timestamp_ms, len(eid), len(uid), len(iid))
     except struct.error as exc:  # e.g. timestamp outside int64, type outside u8
         raise ValueError(f"cannot encode event {e.event_id!r}: {exc}") from exc
     return b"".join((head, eid, uid, iid))
+
+
+def encode_events(events: list[Event]) -> list[bytes]:
+    """encode_event of each event (same bytes), for the writer's hot path: one loop with the packer bound
+    locally and the enum turned into an int once, about half the cost per event."""
+    pack, kind, out = _EVENT.pack, _EVENT_KIND, []
+    append = out.append
+    try:
+        for e in events:
+            eid = e.event_id.encode("utf-8")
+            uid = e.user_id.encode("utf-8")
+            iid = e.item_id.encode("utf-8")
+            append(b"".join((pack(kind, VERSION, e.type, e.value, e.timestamp_ms, len(eid), len(uid), len(iid)),
+                             eid, uid, iid)))
+    except struct.error:
+        for e in events:  # raises the ValueError naming the event at fault
+            encode_event(e)
+        raise
+    return out
 
 
 def encode_upsert(spec: ItemSpec) -> bytes:

@@ -11,6 +11,8 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from .batcher import MicroBatcher
 from .config import EngineConfig
 from .errors import InvalidArgument, NotFound
 from .observer import EngineObserver
+from .rerank_features import ItemArrays, state_clock_ms
+from .reranker import Reranker, RerankerRejected
 from .retrieval import Recommendation, RecommendQuery, Retriever
 from .state import State
 from .store import LogEntry, Store
@@ -79,6 +83,101 @@ class UserView:
     last_event_ms: int
 
 
+_EVENT_ID, _USER_ID, _ITEM_ID = attrgetter("event_id"), attrgetter("user_id"), attrgetter("item_id")
+
+
+@dataclass(slots=True)
+class _Step:
+    """Records of one op that a group commit writes consecutively and applies together."""
+
+    op: Op
+    records: list  # the op's accepted Events, or one ItemSpec / DeleteItem
+    start: int  # index of the first record in the transaction
+
+
+class _GroupPlan:
+    """What one group commit writes, as the columns Store.append_records takes (no object per event), and the
+    steps that apply it afterwards in log order. Item liveness is checked against the state as changed by the
+    earlier ops of the same group."""
+
+    def __init__(self, items):
+        self.items = items
+        self.pending_live: dict[str, bool] = {}  # items upserted (True) or deleted (False) by earlier ops
+        self.payloads: list[bytes] = []
+        self.event_ids: list[str | None] = []
+        self.user_ids: list[str | None] = []
+        self.steps: list[_Step] = []
+        self.results: dict[int, object] = {}
+
+    def add(self, op: Op) -> None:
+        if op.kind == "events":
+            result = self.results[id(op)] = IngestResult()
+            events = self._live_events(op.payload, result)
+            self._write(op, events, codec.encode_events(events), map(_EVENT_ID, events), map(_USER_ID, events))
+        elif op.kind == "upsert":
+            self.results[id(op)] = UpsertResult()
+            for spec in op.payload:
+                self._write(op, [spec], [codec.encode_upsert(spec)], [None], [None])
+                self.pending_live[spec.item_id] = True
+        elif op.kind == "delete":
+            result = self.results[id(op)] = DeleteResult()
+            for item_id in dict.fromkeys(op.payload):
+                if self._item_problem(item_id) is None:
+                    self._write(op, [codec.DeleteItem(item_id)], [codec.encode_delete(item_id)], [None], [None])
+                    self.pending_live[item_id] = False
+                else:
+                    result.not_found.append(item_id)
+        else:
+            raise AssertionError(f"unexpected op {op.kind}")
+
+    def _write(self, op: Op, records: list, payloads, event_ids, user_ids) -> None:
+        self.steps.append(_Step(op, records, len(self.payloads)))
+        self.payloads += payloads
+        self.event_ids += event_ids
+        self.user_ids += user_ids
+
+    def _live_events(self, indexed: list[tuple[int, Event]], result: IngestResult) -> list[Event]:
+        """The events whose item is live; the others go into the result's rejections."""
+        events = [event for _, event in indexed]
+        n = len(events)
+        # The usual case, one vectorised check of the whole batch (a few events: the loop below is cheaper).
+        if n >= 16 and not self.pending_live:
+            rows = np.fromiter(map(self.items.rows.get, map(_ITEM_ID, events), repeat(-1, n)), np.int64, n)
+            if (rows >= 0).all() and self.items.live[rows].all():
+                return events
+        live = []
+        for index, event in indexed:
+            problem = self._item_problem(event.item_id)
+            if problem is None:
+                live.append(event)
+            else:
+                result.rejections.append(Rejection(index, event.event_id, "item_id", problem))
+        return live
+
+    def _item_problem(self, item_id: str) -> str | None:
+        """Why an event cannot refer to this item (or a delete find it), or None when the item is live."""
+        live = self.pending_live.get(item_id)
+        if live is None:
+            live = self.items.is_live(item_id)
+        if live:
+            return None
+        known = item_id in self.pending_live or self.items.row_of(item_id) is not None
+        return f"item '{item_id}' is deleted" if known else f"unknown item '{item_id}'"
+
+
+def _count_accepted(events: list[Event], seqs: list[int | None], result: IngestResult) -> list[Event]:
+    """The events that were written (seq None: a duplicate event_id), counted into the op's result."""
+    if None in seqs:
+        written = [event for event, seq in zip(events, seqs) if seq is not None]
+        first = next((seq for seq in seqs if seq is not None), 0)
+    else:
+        written, first = events, (seqs[0] if seqs else 0)
+    result.accepted = len(written)
+    result.duplicates = len(events) - len(written)
+    result.first_seq = first
+    return written
+
+
 class Engine:
     def __init__(self, data_dir: str | Path, config: EngineConfig | None = None, observer: EngineObserver | None = None):
         self.data_dir = Path(data_dir)
@@ -100,6 +199,10 @@ class Engine:
         if hasattr(self.backend, "warmup"):
             self.backend.warmup()  # JIT-compile now, not on the first request
         self.retriever = Retriever(self.state, self.lock, self.backend, np.dtype(config.gpu_storage))
+        self.reranker = Reranker(config.dim, config.rerank_provider, config.rerank_threads)
+        self.retriever.reranker = self.reranker
+        self.retriever.rerank_by_default = config.rerank_by_default
+        self.retriever.rerank_candidates = config.rerank_candidates
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
         self._last_checkpoint_at = time.monotonic()
@@ -107,6 +210,11 @@ class Engine:
         self._records_since_checkpoint = 0
         self.recovered_records = 0
         self._recover()
+        if config.reranker_path:
+            try:
+                self.load_reranker(config.reranker_path)
+            except RerankerRejected as error:
+                log.error("reranker: not loaded (%s); serving retrieval only", error.message)
         self.writer = GroupCommitWriter(
             self._commit_group, self._run_exclusive, self._maybe_checkpoint,
             config.commit_queue_size, config.max_group_ops,
@@ -213,9 +321,12 @@ class Engine:
         return done
 
     def build_query(self, user_id: str, k: int | None, exclude_seen: bool = True, exclude_item_ids=(),
-                    include_categories=(), exclude_categories=(), request_id: str = "", user_field: str = "user_id") -> RecommendQuery:
+                    include_categories=(), exclude_categories=(), request_id: str = "", user_field: str = "user_id",
+                    rerank: bool | None = None, candidates: int = 0) -> RecommendQuery:
         """A validated query; every problem names the request field."""
         limits = self.limits
+        if not 0 <= candidates <= limits.max_k:
+            raise InvalidArgument("rerank.candidates", f"must be between 0 (server default) and {limits.max_k}, got {candidates}")
         return RecommendQuery(
             user_id=check_id(user_field, user_id, limits),
             k=check_k(k, limits, self.config.default_k),
@@ -224,7 +335,36 @@ class Engine:
             include_categories=check_id_list("include_categories", list(include_categories), limits),
             exclude_categories=check_id_list("exclude_categories", list(exclude_categories), limits),
             request_id=request_id,
+            rerank=rerank,
+            candidates=candidates,
         )
+
+    # --- reranking model ----------------------------------------------------------------------------
+    def load_reranker(self, path: str | Path | None = None) -> dict:
+        """Validate the ONNX model at `path` (None: the one serving now, re-read) and swap it in without a
+        restart. A bad file raises RerankerRejected (INVALID_ARGUMENT) and the old model keeps serving."""
+        if path is None or str(path) == "":
+            current = self.reranker.model
+            if current is None:
+                raise InvalidArgument("path", "no reranker is loaded; give the path of an ONNX model")
+            path = current.path
+        with self.lock:
+            items = ItemArrays.of(self.state.items)
+            now_ms = state_clock_ms(self.state.items)
+        model = self.reranker.load(Path(path), probe=self.reranker.probe_features(items, now_ms))
+        trained_on = model.metadata.get("dataset")
+        if trained_on and self.model_version != "none" and trained_on not in self.model_version:
+            log.warning("reranker %s was trained on %s; this engine's embeddings are %s: expect a weaker second stage",
+                        model.version, trained_on, self.model_version)
+        return self.reranker_info()
+
+    def unload_reranker(self) -> dict:
+        self.reranker.unload()
+        return self.reranker_info()
+
+    def reranker_info(self) -> dict:
+        return {**self.reranker.info(), "default_candidates": self.config.rerank_candidates,
+                "by_default": self.config.rerank_by_default}
 
     def upsert_items(self, specs: list[ItemSpec], timeout_s: float = 30.0) -> UpsertResult:
         if not specs:
@@ -258,74 +398,44 @@ class Engine:
 
     # --- writer thread ---------------------------------------------------------------------------
     def _commit_group(self, group: list[Op]) -> None:
-        """Validate against current state, write one transaction, apply, complete futures."""
-        items = self.state.items
-        pending_live: dict[str, bool] = {}  # item liveness as changed by earlier ops of this group
-        entries: list[LogEntry] = []
-        plan: list[tuple[Op, object]] = []  # (op, record) for each entry, in order
-        results: dict[int, object] = {}
+        """Validate against current state, write one transaction, apply in log order, complete futures."""
+        plan = _GroupPlan(self.state.items)
         for op in group:
-            if op.kind == "events":
-                result = results[id(op)] = IngestResult()
-                for index, event in op.payload:
-                    live = pending_live.get(event.item_id, items.is_live(event.item_id))
-                    if not live:
-                        known = event.item_id in pending_live or items.row_of(event.item_id) is not None
-                        reason = f"item '{event.item_id}' is deleted" if known else f"unknown item '{event.item_id}'"
-                        result.rejections.append(Rejection(index, event.event_id, "item_id", reason))
-                        continue
-                    entries.append(LogEntry(codec.encode_event(event), event.event_id, event.user_id))
-                    plan.append((op, event))
-            elif op.kind == "upsert":
-                result = results[id(op)] = UpsertResult()
-                for spec in op.payload:
-                    entries.append(LogEntry(codec.encode_upsert(spec)))
-                    plan.append((op, spec))
-                    pending_live[spec.item_id] = True
-            elif op.kind == "delete":
-                result = results[id(op)] = DeleteResult()
-                for item_id in dict.fromkeys(op.payload):
-                    if pending_live.get(item_id, items.is_live(item_id)):
-                        entries.append(LogEntry(codec.encode_delete(item_id)))
-                        plan.append((op, codec.DeleteItem(item_id)))
-                        pending_live[item_id] = False
-                    else:
-                        result.not_found.append(item_id)
-            else:
-                raise AssertionError(f"unexpected op {op.kind}")
+            plan.add(op)
         started = time.perf_counter()
-        seqs = self.store.append_log(entries) if entries else []
+        seqs = self.store.append_records(plan.payloads, plan.event_ids, plan.user_ids)
         durable = self.store.last_seq()
-        self.observer.commit(time.perf_counter() - started, len(entries))
+        self.observer.commit(time.perf_counter() - started, len(plan.payloads))
         with self.lock:
-            batch: list[Event] = []
-            for (op, record), seq in zip(plan, seqs):
-                result = results[id(op)]
-                if isinstance(record, Event):
-                    if seq is None:
-                        result.duplicates += 1
-                        continue
-                    batch.append(record)
-                    result.accepted += 1
-                    result.first_seq = result.first_seq or seq
-                    continue
-                self.state.apply_events(batch)
-                batch = []
-                if isinstance(record, ItemSpec):
-                    if self.state.apply_upsert(record):
-                        result.created += 1
-                    else:
-                        result.updated += 1
-                else:
-                    self.state.apply_delete(record.item_id)
-                    result.deleted += 1
-            self.state.apply_events(batch)
+            self._apply_plan(plan, seqs)
             self.state.applied_seq = durable
-        self._records_since_checkpoint += sum(seq is not None for seq in seqs)
+        self._records_since_checkpoint += len(seqs) - seqs.count(None)
         for op in group:
-            result = results[id(op)]
+            result = plan.results[id(op)]
             result.durable_seq = durable
             op.future.set_result(result)
+
+    def _apply_plan(self, plan: "_GroupPlan", seqs: list[int | None]) -> None:
+        """Apply what was written, in log order; runs of events (several ops' worth) go to State in one call."""
+        batch: list[Event] = []
+        for step in plan.steps:
+            result = plan.results[id(step.op)]
+            step_seqs = seqs[step.start:step.start + len(step.records)]
+            if step.op.kind == "events":
+                batch += _count_accepted(step.records, step_seqs, result)
+                continue
+            self.state.apply_events(batch)
+            batch = []
+            record = step.records[0]
+            if isinstance(record, ItemSpec):
+                if self.state.apply_upsert(record):
+                    result.created += 1
+                else:
+                    result.updated += 1
+            else:
+                self.state.apply_delete(record.item_id)
+                result.deleted += 1
+        self.state.apply_events(batch)
 
     def _run_exclusive(self, op: Op):
         if op.kind == "checkpoint":
@@ -448,5 +558,6 @@ class Engine:
                 "recovered_records": self.recovered_records,
                 "recommend_batch_sizes": self.batcher.histogram.snapshot(),
                 "recommend_batches": self.batcher.histogram.batches,
+                "reranker": self.reranker_info(),
                 **self.counters,
             }

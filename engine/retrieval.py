@@ -2,13 +2,17 @@
 filter arrays the kernels read, and splits personalised queries from cold-start (popularity) ones."""
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .rerank_features import ItemArrays, capture_user, state_clock_ms
 from .state import State
 from .topk import Filters, TopKBackend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +24,8 @@ class RecommendQuery:
     include_categories: list[str] = field(default_factory=list)
     exclude_categories: list[str] = field(default_factory=list)
     request_id: str = ""
+    rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
+    candidates: int = 0  # retrieved candidates to rerank; 0: the server default
 
 
 @dataclass
@@ -30,6 +36,8 @@ class Recommendation:
     scores: np.ndarray  # float32, descending
     categories: list[list[str]]
     strategy: str  # "personalized" | "popular"
+    retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
+    reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
 
 
 @dataclass
@@ -55,6 +63,11 @@ class Retriever:
         self._device_matrix = None
         self._device_lock = threading.Lock()
         self._device_dtype = device_dtype
+        # Second stage (engine/reranker.py), set by the Engine; None or no model loaded: retrieval only.
+        self.reranker = None
+        self.rerank_by_default = True
+        self.rerank_candidates = 200
+        self._clock: tuple[tuple, int] = ((), 0)  # (state version, latest event timestamp)
 
     def _search_vectors(self, queries: np.ndarray, host_items: np.ndarray, k: int, filters: Filters):
         if self._resident is None:
@@ -111,7 +124,33 @@ class Retriever:
         with self.lock:
             prepared = self._prepare(queries)
             popularity = self.state.items.popularity_scores()
-        return self._search(queries, prepared, popularity)
+            plan = self._plan_rerank(queries, prepared)
+        return self._search(queries, prepared, popularity, plan)
+
+    def _plan_rerank(self, queries: list[RecommendQuery], prepared: _Prepared):
+        """Under the lock: snapshots of the users whose candidates the model will reorder (personalised
+        queries that want reranking while a model is loaded)."""
+        reranker = self.reranker
+        model = reranker.model if reranker is not None else None
+        if model is None:
+            return None
+        users: dict = {}
+        candidates: dict[int, int] = {}
+        for i, query in enumerate(queries):
+            wanted = self.rerank_by_default if query.rerank is None else query.rerank
+            if wanted and prepared.queries[i] is not None:
+                row = self.state.users.row_of(query.user_id)
+                users[i] = capture_user(self.state.users, row, prepared.queries[i])
+                candidates[i] = max(query.k, query.candidates or self.rerank_candidates)
+        if not users:
+            return None
+        from .reranker import RerankPlan
+
+        items = self.state.items
+        version = (getattr(self.state, "embedding_version", 0), getattr(self.state, "applied_seq", 0), len(items))
+        if self._clock[0] != version:
+            self._clock = (version, state_clock_ms(items))
+        return RerankPlan(model, users, candidates, ItemArrays.of(items), self._clock[1])
 
     def similar(self, item_row: int, query: RecommendQuery) -> Recommendation:
         with self.lock:
@@ -120,22 +159,46 @@ class Retriever:
             prepared.excluded[0].append(item_row)
         return self._search([query], prepared, None)[0]
 
-    def _search(self, queries: list[RecommendQuery], prepared: _Prepared, popularity: np.ndarray | None) -> list[Recommendation]:
+    def _search(self, queries: list[RecommendQuery], prepared: _Prepared, popularity: np.ndarray | None,
+                plan=None) -> list[Recommendation]:
         results: list[Recommendation | None] = [None] * len(queries)
         personal = [i for i, v in enumerate(prepared.queries) if v is not None]
         popular = [i for i, v in enumerate(prepared.queries) if v is None]
         if personal:
-            k = max(queries[i].k for i in personal)
+            k = max(plan.candidates[i] if plan is not None and i in plan.candidates else queries[i].k for i in personal)
             matrix = np.stack([prepared.queries[i] for i in personal]).astype(np.float32)
             rows, scores = self._search_vectors(matrix, prepared.vectors, k, self._filters(prepared, personal))
+            reranked = self._rerank(plan, queries, personal, rows, scores) if plan is not None else {}
             for j, i in enumerate(personal):
-                results[i] = self._result(queries[i], rows[j], scores[j], "personalized")
+                if i in reranked:
+                    results[i] = self._reranked_result(queries[i], *reranked[i], plan.model.version)
+                else:
+                    results[i] = self._result(queries[i], rows[j], scores[j], "personalized")
         if popular:
             k = max(queries[i].k for i in popular)
             rows, scores = self.backend.rank_scores(popularity, k, self._filters(prepared, popular))
             for j, i in enumerate(popular):
                 results[i] = self._result(queries[i], rows[j], scores[j], "popular")
         return results  # type: ignore[return-value]
+
+    def _rerank(self, plan, queries: list[RecommendQuery], personal: list[int], rows: np.ndarray, scores: np.ndarray) -> dict:
+        """One model call for every reranked query of the batch; on a model failure, retrieval order."""
+        retrieved = {i: (rows[j], scores[j]) for j, i in enumerate(personal) if i in plan.users}
+        try:
+            return self.reranker.rerank(plan, retrieved, {i: queries[i].k for i in retrieved})
+        except Exception:  # noqa: BLE001 - a failing model must not fail requests
+            self.reranker.failed_batches += 1
+            log.exception("reranker %s failed on a batch of %d; answering in retrieval order", plan.model.version, len(retrieved))
+            return {}
+
+    def _reranked_result(self, query: RecommendQuery, rows: np.ndarray, model_scores: np.ndarray,
+                         retrieval_scores: np.ndarray, version: str) -> Recommendation:
+        items = self.state.items
+        return Recommendation(
+            request_id=query.request_id, user_id=query.user_id, item_ids=[items.ids[r] for r in rows],
+            scores=model_scores.astype(np.float32), categories=[list(items.categories[r]) for r in rows],
+            strategy="personalized", retrieval_scores=retrieval_scores.astype(np.float32), reranker=version,
+        )
 
     def _result(self, query: RecommendQuery, rows: np.ndarray, scores: np.ndarray, strategy: str) -> Recommendation:
         keep = rows[: query.k] >= 0

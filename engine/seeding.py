@@ -1,5 +1,6 @@
-"""First start: fill an empty data dir with a dataset and a quick factorisation of it, atomically
-(built in a side folder and renamed), so a crash mid-seed never leaves a half-seeded store."""
+"""First start: fill an empty data dir with a dataset and a model trained on it (iALS by default, see
+engine/training.py), atomically (built in a side folder and renamed), so a crash mid-seed never leaves a
+half-seeded store."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .bootstrap import factorize
 from .config import EngineConfig
 from .engine import Engine
 from .observer import EngineObserver
@@ -30,25 +30,38 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
     raise ValueError(f"unknown dataset '{name}' (choose ml-100k, synthetic or none)")
 
 
-def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0) -> str:
-    """Factorise the dataset and load items, events and user vectors into an empty engine."""
+def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0, method: str = "ials", progress: bool = False,
+                **train_options) -> str:
+    """Train on the dataset (`training.train`; method ials or svd) and load items, events and user vectors
+    into an empty engine. Returns the model version."""
+    from .training import train
+
     started = time.perf_counter()
     catalog_ids = list(dataset.item_categories)
-    factors = factorize(dataset.interactions, dim=engine.dim, seed=seed, item_ids=catalog_ids)
-    vectors = dict(zip(factors.item_ids, factors.item_vectors))
+    result = train(dataset.interactions, method=method, dim=engine.dim, seed=seed, item_ids=catalog_ids,
+                   progress=progress, fold_alpha=engine.config.online_alpha, fold_reg=engine.config.online_reg,
+                   **train_options)
+    model_version = result.model_version(dataset.name)
+    seed_trained(engine, dataset, result.factors.item_ids, result.factors.item_vectors, result.factors.user_ids,
+                 result.user_raw, model_version)
+    log.info("seeded %s: %d items, %d users, %d events, model %s in %.1f s", dataset.name, len(catalog_ids),
+             len(result.factors.user_ids), len(dataset.interactions), model_version, time.perf_counter() - started)
+    return model_version
+
+
+def seed_trained(engine: Engine, dataset: Dataset, item_ids: list[str], item_vectors: np.ndarray,
+                 user_ids: list[str], user_vectors: np.ndarray, model_version: str) -> None:
+    """Load a trained model with its dataset's catalog and events into an empty engine."""
+    vectors = dict(zip(item_ids, item_vectors))
     specs = []
-    for item_id in catalog_ids:
+    for item_id in dataset.item_categories:
         vector = vectors.get(item_id)
         specs.append(ItemSpec(
             item_id, list(dataset.item_categories[item_id]), dict(dataset.item_attributes.get(item_id, {})),
             vector if vector is not None and np.any(vector) else None,  # no interactions: derive from categories
         ))
     events = list(dataset.interactions.events(f"{dataset.name}-"))
-    model_version = f"svd-{dataset.name}-d{engine.dim}-s{seed}"
-    engine.seed(specs, events, factors.user_ids, factors.user_vectors, model_version)
-    log.info("seeded %s: %d items, %d users, %d events, model %s in %.1f s", dataset.name, len(specs),
-             len(factors.user_ids), len(events), model_version, time.perf_counter() - started)
-    return model_version
+    engine.seed(specs, events, user_ids, user_vectors, model_version)
 
 
 def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none", seed: int = 0,

@@ -131,6 +131,57 @@ def _key(s: str) -> bytes:
     return b
 
 
+def _keys(ids: Sequence[str | None], empty_is_none: bool = False) -> list[bytes | None]:
+    """_key of each id; None for None (and for "" when empty_is_none: an event_id "" means "no key"). Ids on
+    the event path are validated non-empty and short, so the usual case is one C-level encode per id;
+    anything else takes _key's path."""
+    try:
+        keys = list(map(str.encode, ids))
+    except TypeError:  # a None among them: a record without this key
+        keys = None
+    if keys is None or (keys and not 0 < min(map(len, keys)) <= max(map(len, keys)) <= _MAX_KEY):
+        keys = [None if s is None or (empty_is_none and not s) else _key(s) for s in ids]
+    return keys
+
+
+def _assign_seqs(idem_keys: list[bytes | None], present: set[bytes], last_seq: int) -> list[int | None]:
+    """Consecutive seqs after last_seq for the records to write; None for a record whose idempotency key is
+    already stored (`present`) or was taken by an earlier record of the same call."""
+    if not present and None not in idem_keys and len(set(idem_keys)) == len(idem_keys):
+        return list(range(last_seq + 1, last_seq + 1 + len(idem_keys)))  # the usual case: all new
+    taken = set(present)
+    seqs: list[int | None] = []
+    seq = last_seq
+    for key in idem_keys:
+        if key is not None:
+            if key in taken:
+                seqs.append(None)
+                continue
+            taken.add(key)
+        seq += 1
+        seqs.append(seq)
+    return seqs
+
+
+def _pick(column: list, kept: Sequence[int]) -> list:
+    return column if isinstance(kept, range) else [column[k] for k in kept]
+
+
+def _keyed_pairs(keys: list[bytes | None], values: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs, leaving out the records without a key."""
+    pairs = list(zip(keys, values))
+    return pairs if None not in keys else [pair for pair in pairs if pair[0] is not None]
+
+
+def _put_all(cursor: lmdb.Cursor, items: list[tuple[bytes, bytes]], append: bool = False) -> None:
+    """putmulti that must write every pair (dupsort databases keep every value of a key)."""
+    if not items:
+        return
+    consumed, added = cursor.putmulti(items, append=append)
+    if added != len(items):  # append=True refuses a key below the last one: a broken seq invariant
+        raise RuntimeError(f"wrote {added} of {len(items)} records (consumed {consumed})")
+
+
 # --- record packing ---------------------------------------------------------------------------
 
 
@@ -355,32 +406,48 @@ class Store:
         store or appeared earlier in this same call (it is not written).
         """
         entries = list(entries)
-        if not entries:
+        return self.append_records([e.payload for e in entries], [e.event_id for e in entries],
+                                   [e.user_id for e in entries])
+
+    def append_records(self, payloads: Sequence[bytes], event_ids: Sequence[str | None],
+                       user_ids: Sequence[str | None]) -> list[int | None]:
+        """append_log for parallel columns (entry k = payloads[k], event_ids[k], user_ids[k]), so the writer
+        builds no LogEntry per event. Same contract and same records as append_log.
+
+        Per database one C-level call instead of one put per record: the duplicate check is one getmulti
+        over the idempotency keys, and the writes are one putmulti each (the log's with MDB_APPEND: seqs
+        only grow, so LMDB appends to the last page without searching the tree).
+        """
+        if not payloads:
             return []
-        log, idem, user_log, meta = self._log, self._idem, self._user_log, self._meta
-        pack = _SEQ.pack
+        if not len(payloads) == len(event_ids) == len(user_ids):
+            raise ValueError("payloads, event_ids and user_ids must have the same length")
+        # Keys are computed outside fn: a MapFullError retry reruns fn and must find its inputs intact.
+        idem_keys = _keys(event_ids, empty_is_none=True)
+        user_keys = _keys(user_ids)
+        payloads = list(payloads)
 
         def fn(txn: lmdb.Transaction) -> list[int | None]:
-            put = txn.put
-            start = seq = self._last_seq_txn(txn)
-            out: list[int | None] = []
-            for e in entries:
-                sb = pack(seq + 1)
-                # put(overwrite=False) is the existence check too; it also catches repeats within
-                # this call, since the earlier one is already in the transaction.
-                if e.event_id and not put(_key(e.event_id), sb, overwrite=False, db=idem):
-                    out.append(None)
-                    continue
-                seq += 1
-                put(sb, e.payload, append=True, db=log)
-                if e.user_id is not None:
-                    put(_key(e.user_id), sb, db=user_log)
-                out.append(seq)
-            if seq != start:
-                put(_META_LAST_SEQ.encode(), pack(seq), db=meta)
-            return out
+            start = self._last_seq_txn(txn)
+            seqs = _assign_seqs(idem_keys, self._present_keys(txn, idem_keys), start)
+            kept = range(len(seqs)) if None not in seqs else [k for k, seq in enumerate(seqs) if seq is not None]
+            if not kept:
+                return seqs
+            seq_bytes = list(map(_SEQ.pack, range(start + 1, start + 1 + len(kept))))
+            _put_all(txn.cursor(db=self._log), list(zip(seq_bytes, _pick(payloads, kept))), append=True)
+            _put_all(txn.cursor(db=self._idem), _keyed_pairs(_pick(idem_keys, kept), seq_bytes))
+            _put_all(txn.cursor(db=self._user_log), _keyed_pairs(_pick(user_keys, kept), seq_bytes))
+            txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._meta)
+            return seqs
 
         return self._write(fn)
+
+    def _present_keys(self, txn: lmdb.Transaction, keys: list[bytes | None]) -> set[bytes]:
+        """The keys among `keys` that the idempotency database already holds, in one getmulti."""
+        wanted = [k for k in keys if k is not None]
+        if not wanted:
+            return set()
+        return {key for key, _ in txn.cursor(db=self._idem).getmulti(wanted)}
 
     def iter_log(self, after_seq: int = 0) -> Iterator[tuple[int, bytes]]:
         """Yield (seq, payload) with seq > after_seq in seq order.

@@ -32,20 +32,42 @@ TYPE_WEIGHTS = {
 
 RATING_MIN, RATING_MAX = 0.0, 5.0
 RATING_NEUTRAL = 3.0
+# Keyed by plain int: these run for every ingested event, and EventType(x) lookups cost more than the rest.
+_WEIGHT_OF_TYPE = {int(t): w for t, w in TYPE_WEIGHTS.items()}
+_RATING = int(EventType.RATING)
 
 
 def event_weight(event_type: int, value: float) -> float:
     """Signed weight of one event. Ratings: 5 -> +1, 3 -> 0, 1 -> -1 on the 1..5 scale."""
-    if event_type == EventType.RATING:
-        return float(np.clip((value - RATING_NEUTRAL) / 2.0, -1.0, 1.0))
-    return TYPE_WEIGHTS[EventType(event_type)]
+    if event_type == _RATING:
+        return float(min(max((value - RATING_NEUTRAL) / 2.0, -1.0), 1.0))
+    return _WEIGHT_OF_TYPE[int(event_type)]
 
 
 def is_positive(event_type: int, value: float) -> bool:
     """True for an event that counts as interest (popularity, evaluation). Ratings of 4 and 5 are positive."""
-    if event_type == EventType.RATING:
+    if event_type == _RATING:
         return value >= 4.0
-    return TYPE_WEIGHTS[EventType(event_type)] > 0
+    return _WEIGHT_OF_TYPE[int(event_type)] > 0
+
+
+# Indexed by type number (RATING's entry is unused: its weight comes from the value), for event_weights.
+_WEIGHT_TABLE = np.array([_WEIGHT_OF_TYPE.get(t, 0.0) for t in range(max(EventType) + 1)], np.float64)
+
+
+def event_weights(types: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(event_weight, is_positive) of many events at once: float64 and bool arrays, the same bits as the scalar
+    functions (same IEEE operations on float64 values), so live ingestion and replay may use either."""
+    types = np.asarray(types, np.int64)
+    values = np.asarray(values, np.float64)
+    weights = _WEIGHT_TABLE[types]  # types are validated EventType numbers
+    positive = weights > 0
+    rating = types == _RATING
+    if rating.any():
+        rated = values[rating]
+        weights[rating] = np.minimum(np.maximum((rated - RATING_NEUTRAL) / 2.0, -1.0), 1.0)
+        positive[rating] = rated >= 4.0
+    return weights, positive
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
-"""The user side of the in-memory state: unnormalised preference accumulators, full seen sets and a
-bounded recent history per user."""
+"""The user side of the in-memory state: unnormalised user vectors (the online model's x_u, see
+engine/online.py), full seen sets and a bounded recent history per user, kept twice: as tuples for the API and
+checkpoints, and as a ring buffer of arrays (item row, signed strength, timestamp) that the update kernel reads."""
 from __future__ import annotations
 
 from collections import deque
@@ -22,6 +23,11 @@ class UserTable:
         self.last_event_ms = np.zeros(0, np.int64)
         self.event_counts = np.zeros(0, np.int64)
         self.positive_counts = np.zeros(0, np.int64)
+        # Ring buffer of the last history_len events for the fold-in (slot = hist_count % history_len).
+        self.hist_items = np.zeros((0, history_len), np.int32)
+        self.hist_strength = np.zeros((0, history_len), np.float32)
+        self.hist_ts = np.zeros((0, history_len), np.int64)
+        self.hist_count = np.zeros(0, np.int64)
         self.seen: list[set[int]] = []
         self.history: list[deque] = []
         self.dirty: set[str] = set()
@@ -47,6 +53,10 @@ class UserTable:
                 self.last_event_ms = _grow(self.last_event_ms, row + 1)
                 self.event_counts = _grow(self.event_counts, row + 1)
                 self.positive_counts = _grow(self.positive_counts, row + 1)
+                self.hist_items = _grow(self.hist_items, row + 1)
+                self.hist_strength = _grow(self.hist_strength, row + 1)
+                self.hist_ts = _grow(self.hist_ts, row + 1)
+                self.hist_count = _grow(self.hist_count, row + 1)
             self.ids.append(user_id)
             self.seen.append(set())
             self.history.append(deque(maxlen=self.history_len))
@@ -55,6 +65,7 @@ class UserTable:
         self.last_event_ms[row] = 0
         self.event_counts[row] = 0
         self.positive_counts[row] = 0
+        self.hist_count[row] = 0
         self.seen[row] = set()
         self.history[row] = deque(maxlen=self.history_len)
         self.forgotten.discard(user_id)
@@ -67,12 +78,35 @@ class UserTable:
         self.positive_counts[row] += positive  # last_event_ms is the online rule's: it needs the previous one
         self.dirty.add(self.ids[row])
 
+    def record_events(self, rows: np.ndarray, item_rows: np.ndarray, types: np.ndarray, values: np.ndarray,
+                      timestamps_ms: np.ndarray, positive: np.ndarray) -> None:
+        """record() for a batch of events in log order: counters with one grouped add each; the seen sets and
+        history deques still take one append per event, but from prebuilt tuples and bound methods."""
+        np.add.at(self.event_counts, rows, 1)
+        np.add.at(self.positive_counts, rows, positive.astype(np.int64))
+        user_rows, items = rows.tolist(), item_rows.tolist()
+        # The same Python ints and floats that record() stores, so histories compare equal after a replay.
+        entries = zip(items, types.tolist(), values.tolist(), timestamps_ms.tolist())
+        seen, history = self.seen, self.history
+        for row, item_row, entry in zip(user_rows, items, entries):
+            seen[row].add(item_row)
+            history[row].append(entry)
+        ids = self.ids
+        self.dirty.update([ids[row] for row in set(user_rows)])
+
+    def append_ring(self, row: int, item_row: int, strength: float, timestamp_ms: int) -> None:
+        """The update kernel appends itself; this is for seeding and loading."""
+        slot = self.hist_count[row] % self.history_len
+        self.hist_items[row, slot], self.hist_strength[row, slot], self.hist_ts[row, slot] = item_row, strength, timestamp_ms
+        self.hist_count[row] += 1
+
     def forget(self, user_id: str) -> bool:
         row = self.rows.pop(user_id, None)
         if row is None:
             return False
         self.ids[row] = None
         self.accumulators[row] = 0
+        self.hist_count[row] = 0
         self.seen[row] = set()
         self.history[row] = deque(maxlen=self.history_len)
         self.free_rows.append(row)

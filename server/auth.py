@@ -3,8 +3,8 @@
 Roles (each includes the ones before it)
     reader  RecommendService (Recommend, RecommendBatch, RecommendStream, SimilarItems)
     writer  + EventService (PublishEvents, StreamEvents)
-    admin   + CatalogService (UpsertItems, DeleteItems, GetItem, GetUser, ForgetUser, Stats) and any RPC
-            of a service this module does not know (a future admin RPC is closed by default)
+    admin   + CatalogService (UpsertItems, DeleteItems, GetItem, GetUser, ForgetUser, Stats, LoadReranker)
+            and any RPC of a service this module does not know (a future admin RPC is closed by default)
 
     The role of each service comes from the proto descriptors (SERVICE_ROLES); METHOD_ROLES can give a
     single method another role. Health checking and reflection stay open (OPEN_SERVICES): load
@@ -69,7 +69,10 @@ SERVICE_ROLES: dict[str, str] = {
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name: "admin",
 }
 # Per-method exceptions to SERVICE_ROLES, keyed by full method name ("/package.Service/Method").
-METHOD_ROLES: dict[str, str] = {}
+METHOD_ROLES: dict[str, str] = {
+    # Loads a model file from the server's disk: admin, stated here so it stays admin if the service moves.
+    "/streamrec.v1.CatalogService/LoadReranker": "admin",
+}
 DEFAULT_ROLE = "admin"  # services not listed above: closed unless someone decides otherwise
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection"})
 

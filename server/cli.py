@@ -10,7 +10,7 @@ from pathlib import Path
 from streamrec.clients import cli as client_cli
 from streamrec.engine.config import EngineConfig
 
-from . import auth
+from . import auth, evaluate_cli, rerank_cli, train_cli
 from .app import ServerConfig, StreamrecServer
 from .tls import TlsConfigError
 
@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=int(_env("WORKERS", 32)), help="RPC worker threads")
     serve.add_argument("--max-concurrent-rpcs", type=int, default=_env("MAX_CONCURRENT_RPCS", None),
                        help="calls admitted at once, running or waiting; beyond: RESOURCE_EXHAUSTED (default 4 x workers)")
+    serve.add_argument("--reranker", default=_env("RERANKER", "default"),
+                       help="ONNX reranking model (env STREAMREC_RERANKER): a path, 'default' (the shipped ML-100K "
+                            "model, skipped when the dimension differs) or 'none' (retrieval only)")
+    serve.add_argument("--no-rerank", action="store_true",
+                       help="requests are reranked only when they ask (rerank.enabled=true); the model stays loaded")
+    serve.add_argument("--rerank-candidates", type=int, default=int(_env("RERANK_CANDIDATES", 200)),
+                       help="retrieved candidates the model reorders per request (env STREAMREC_RERANK_CANDIDATES)")
+    serve.add_argument("--rerank-provider", choices=["auto", "cpu", "cuda"], default=_env("RERANK_PROVIDER", "auto"),
+                       help="ONNX Runtime provider: auto = CUDA when usable, else CPU (decided once at start)")
     serve.add_argument("--checkpoint-interval", type=float, default=float(_env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
@@ -63,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--file", type=Path, default=_env("TOKENS_FILE", None), required=_env("TOKENS_FILE", None) is None)
 
     client_cli.register(sub)
+    evaluate_cli.register(sub)
+    rerank_cli.register(sub)
+    train_cli.register(sub)
     return parser
 
 
@@ -85,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync)
+        engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
+                              reranker_path=rerank_cli.serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
+                              rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider)
         config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                               workers=args.workers, engine=engine,
                               max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),
@@ -99,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         server.serve_forever()
         return 0
+    if args.command == "evaluate":
+        return evaluate_cli.run(args)
+    if args.command == "train":
+        return train_cli.run(args)
+    if args.command == "train-reranker":
+        return rerank_cli.run(args)
     if args.command == "token":
         return run_token(args)
     return client_cli.run(args)

@@ -36,6 +36,8 @@ def query_from(engine: Engine, request: recommend_pb2.RecommendRequest) -> Recom
         include_categories=request.include_categories,
         exclude_categories=request.exclude_categories,
         request_id=request.request_id,
+        rerank=request.rerank.enabled if request.rerank.HasField("enabled") else None,
+        candidates=request.rerank.candidates,
     )
 
 
@@ -49,17 +51,24 @@ def served_by(engine: Engine) -> common_pb2.ServedBy:
 
 
 def scored_items(result: Recommendation) -> list[common_pb2.ScoredItem]:
+    retrieval = result.scores if result.retrieval_scores is None else result.retrieval_scores
     return [
-        common_pb2.ScoredItem(item_id=i, score=float(s), retrieval_score=float(s), categories=c)
-        for i, s, c in zip(result.item_ids, result.scores, result.categories)
+        common_pb2.ScoredItem(item_id=i, score=float(s), retrieval_score=float(r), categories=c)
+        for i, s, r, c in zip(result.item_ids, result.scores, retrieval, result.categories)
     ]
 
 
 def recommend_response(engine: Engine, result: Recommendation, latency_us: int) -> recommend_pb2.RecommendResponse:
-    return recommend_pb2.RecommendResponse(
+    response = recommend_pb2.RecommendResponse(
         request_id=result.request_id, user_id=result.user_id, items=scored_items(result),
         strategy=result.strategy, served_by=served_by(engine), server_latency_us=latency_us,
     )
+    response.served_by.reranker = result.reranker
+    return response
+
+
+def reranker_info(info: dict) -> catalog_pb2.RerankerInfo:
+    return catalog_pb2.RerankerInfo(**{f: info[f] for f in catalog_pb2.RerankerInfo.DESCRIPTOR.fields_by_name if f in info})
 
 
 def item_spec_from(item: catalog_pb2.Item) -> ItemSpec:
@@ -99,7 +108,7 @@ def stats_message(engine: Engine) -> catalog_pb2.StatsResponse:
         events_duplicate=stats["events_duplicate"], recommendations=stats["recommendations"],
         data_dir=str(engine.data_dir),
         recommend_batch_sizes=stats["recommend_batch_sizes"], recommend_batches=stats["recommend_batches"],
-        write_queue=stats["write_queue"],
+        write_queue=stats["write_queue"], reranker=reranker_info(stats["reranker"]),
     )
 
 

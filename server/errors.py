@@ -22,7 +22,9 @@ _CODES = {
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, EngineError):
-        return _CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+        # The nearest mapped class, so subclasses (e.g. reranker.RerankerRejected) keep their base's code.
+        code = next((_CODES[cls] for cls in type(error).__mro__ if cls in _CODES), grpc.StatusCode.INTERNAL)
+        return code, str(error)
     if isinstance(error, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request could be served"
     if isinstance(error, concurrent.futures.TimeoutError):

@@ -236,6 +236,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     def Stats(self, request, context):
         return convert.stats_message(self.holder.get())
 
+    @unary
+    def LoadReranker(self, request, context):
+        engine = self.holder.get()
+        return convert.reranker_info(engine.unload_reranker() if request.unload else engine.load_reranker(request.path or None))
+
 
 class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
     """No engine work at all: the cost of the RPC machinery alone."""

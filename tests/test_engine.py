@@ -97,14 +97,14 @@ def test_seeding_is_atomic_and_only_once(tmp_path):
 
 def test_write_errors_reach_the_caller_and_the_writer_keeps_going(tmp_path, monkeypatch):
     engine = small_engine(tmp_path)
-    original = engine.store.append_log
+    original = engine.store.append_records  # the writer's path into the log
 
-    def broken(entries):
+    def broken(payloads, event_ids, user_ids):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(engine.store, "append_log", broken)
+    monkeypatch.setattr(engine.store, "append_records", broken)
     with pytest.raises(OSError):
         engine.ingest(traffic(1, 5))
-    monkeypatch.setattr(engine.store, "append_log", original)
+    monkeypatch.setattr(engine.store, "append_records", original)
     assert engine.ingest(traffic(2, 5)).accepted > 0
     engine.close()

@@ -482,6 +482,7 @@ UNARY_METHODS = {
     "/streamrec.v1.CatalogService/GetUser": catalog_pb2.GetUserRequest,
     "/streamrec.v1.CatalogService/ForgetUser": catalog_pb2.ForgetUserRequest,
     "/streamrec.v1.CatalogService/Stats": catalog_pb2.StatsRequest,
+    "/streamrec.v1.CatalogService/LoadReranker": catalog_pb2.LoadRerankerRequest,
 }
 
 

@@ -216,6 +216,7 @@ CALLS = {
     "GetUser": lambda c, a: c.get_user("u1"),
     "ForgetUser": _forget,
     "Stats": lambda c, a: c.stats(),
+    "LoadReranker": lambda c, a: c.load_reranker(unload=True),  # no model loaded here: a no-op
     "Ping": lambda c, a: c.ping(),
     "PingStream": lambda c, a: list(c.ping_stream([diagnostics_pb2.PingRequest(id="p")])),
 }

@@ -128,6 +128,46 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LoadRerankerRequest(_message.Message):
+    __slots__ = ("path", "unload")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    unload: bool
+    def __init__(self, path: _Optional[str] = ..., unload: _Optional[bool] = ...) -> None: ...
+
+class RerankerInfo(_message.Message):
+    __slots__ = ("loaded", "path", "version", "provider", "features", "feature_spec", "default_candidates", "by_default", "loaded_at_ms", "swaps", "refused", "last_error", "reranked_requests", "failed_batches")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SPEC_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BY_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    loaded: bool
+    path: str
+    version: str
+    provider: str
+    features: int
+    feature_spec: str
+    default_candidates: int
+    by_default: bool
+    loaded_at_ms: int
+    swaps: int
+    refused: int
+    last_error: str
+    reranked_requests: int
+    failed_batches: int
+    def __init__(self, loaded: _Optional[bool] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., features: _Optional[int] = ..., feature_spec: _Optional[str] = ..., default_candidates: _Optional[int] = ..., by_default: _Optional[bool] = ..., loaded_at_ms: _Optional[int] = ..., swaps: _Optional[int] = ..., refused: _Optional[int] = ..., last_error: _Optional[str] = ..., reranked_requests: _Optional[int] = ..., failed_batches: _Optional[int] = ...) -> None: ...
+
 class Limits(_message.Message):
     __slots__ = ("max_k", "max_events_per_batch", "max_requests_per_batch", "max_filter_ids", "max_id_bytes", "max_items_per_upsert")
     MAX_K_FIELD_NUMBER: _ClassVar[int]
@@ -145,7 +185,7 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue")
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker")
     class RecommendBatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +211,7 @@ class StatsResponse(_message.Message):
     RECOMMEND_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     RECOMMEND_BATCHES_FIELD_NUMBER: _ClassVar[int]
     WRITE_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
     dim: int
     items: int
     deleted_items: int
@@ -189,4 +230,5 @@ class StatsResponse(_message.Message):
     recommend_batch_sizes: _containers.ScalarMap[int, int]
     recommend_batches: int
     write_queue: int
-    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ...) -> None: ...
+    reranker: RerankerInfo
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ...) -> None: ...

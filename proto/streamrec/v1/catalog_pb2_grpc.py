@@ -65,6 +65,11 @@ class CatalogServiceStub:
                 request_serializer=streamrec_dot_v1_dot_catalog__pb2.StatsRequest.SerializeToString,
                 response_deserializer=streamrec_dot_v1_dot_catalog__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.LoadReranker = channel.unary_unary(
+                '/streamrec.v1.CatalogService/LoadReranker',
+                request_serializer=streamrec_dot_v1_dot_catalog__pb2.LoadRerankerRequest.SerializeToString,
+                response_deserializer=streamrec_dot_v1_dot_catalog__pb2.RerankerInfo.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -111,6 +116,16 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadReranker(self, request, context):
+        """Swap the reranking model (second stage) without a restart. The new model is validated first (it must
+        load, take float32 [N, features], give one finite score per row on probe batches, and its sidecar
+        must match the server's feature spec and dimension); a model that fails gets INVALID_ARGUMENT and
+        the old model keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +158,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=streamrec_dot_v1_dot_catalog__pb2.StatsRequest.FromString,
                     response_serializer=streamrec_dot_v1_dot_catalog__pb2.StatsResponse.SerializeToString,
+            ),
+            'LoadReranker': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadReranker,
+                    request_deserializer=streamrec_dot_v1_dot_catalog__pb2.LoadRerankerRequest.FromString,
+                    response_serializer=streamrec_dot_v1_dot_catalog__pb2.RerankerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +328,33 @@ class CatalogService:
             '/streamrec.v1.CatalogService/Stats',
             streamrec_dot_v1_dot_catalog__pb2.StatsRequest.SerializeToString,
             streamrec_dot_v1_dot_catalog__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadReranker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamrec.v1.CatalogService/LoadReranker',
+            streamrec_dot_v1_dot_catalog__pb2.LoadRerankerRequest.SerializeToString,
+            streamrec_dot_v1_dot_catalog__pb2.RerankerInfo.FromString,
             options,
             channel_credentials,
             insecure,
