@@ -6,7 +6,8 @@
 For each dataset (synthetic N=100k d=64, and ML-100K) a `streamrec serve` process is started, then the load
 tester (clients/loadtest.py) measures, in the same run:
   floor:  Ping (unary, no work) and PingStream (bidirectional echo, no work)
-  served: Recommend (unary), RecommendStream, StreamEvents with 1 and 100 events per message
+  served: Recommend (unary; retrieval only, and with the ONNX rerank stage over 200 candidates where the server
+          has a model for the dataset), RecommendStream, StreamEvents with 1 and 100 events per message
 Max throughput comes from a closed loop; p50/p99 are then measured open-loop (latency from the scheduled
 send time) at 50% and 90% of it. Event -> visible: publish an event for a fresh user, then Recommend; the
 time until the answer is personalised.
@@ -36,9 +37,10 @@ from streamrec.server.process import ServerProcess
 
 SCENARIOS = [  # (name, loadtest args, floor it is compared with)
     ("ping", ["--scenario", "ping"], None),
-    ("recommend", ["--scenario", "recommend"], "ping"),
+    ("recommend", ["--scenario", "recommend", "--rerank", "off"], "ping"),
+    ("recommend+rerank", ["--scenario", "recommend", "--rerank", "on"], "ping"),
     ("ping-stream", ["--scenario", "ping-stream"], None),
-    ("recommend-stream", ["--scenario", "stream"], "ping-stream"),
+    ("recommend-stream", ["--scenario", "stream", "--rerank", "off"], "ping-stream"),
     ("events x1", ["--scenario", "events", "--events-per-message", "1"], "ping-stream"),
     ("events x100", ["--scenario", "events", "--events-per-message", "100"], None),
 ]
@@ -106,7 +108,7 @@ def measure(name: str, address: str, seconds: float, concurrency: int, processes
 def format_row(r: dict) -> str:
     ratio = f"{r['ratio_to_floor']:.2f}x {r['floor']}" if r.get("ratio_to_floor") else ""
     events = f"{r['events_per_s']:,.0f} ev/s" if r.get("events_per_s") else ""
-    return (f"{r['dataset']:<14} {r['scenario']:<17} {r['max_rps']:>9,.0f} rps {ratio:<20} {events:<14} "
+    return (f"{r['dataset']:<14} {r['scenario']:<18} {r['max_rps']:>9,.0f} rps {ratio:<20} {events:<14} "
             f"p50/p99 @50% {r['p50_ms@50%']:.2f}/{r['p99_ms@50%']:.2f} ms  @90% {r['p50_ms@90%']:.2f}/{r['p99_ms@90%']:.2f} ms"
             f"  errors {r['errors']}")
 

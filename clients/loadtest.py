@@ -392,6 +392,8 @@ class Runner:
     def _recommend_request(self, n: int) -> recommend_pb2.RecommendRequest:
         request = recommend_pb2.RecommendRequest(request_id=f"{self.prefix}{n}", user_id=self.users())
         request.k = self.spec["k"]
+        if self.spec.get("rerank") in ("on", "off"):
+            request.rerank.enabled = self.spec["rerank"] == "on"
         return request
 
     def _event_batch(self, n: int) -> events_pb2.EventBatch:
@@ -653,6 +655,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, default=10.0, help="deadline per request, seconds")
     work = parser.add_argument_group("workload")
     work.add_argument("--k", type=int, default=10, help="recommendations per request")
+    work.add_argument("--rerank", choices=("server", "on", "off"), default="server",
+                      help="second stage per request: the server's default, forced on, or retrieval order only")
     work.add_argument("--mix", type=float, default=0.8, help="mixed: share of recommend requests (rest: event batches)")
     work.add_argument("--events-per-message", type=int, default=10, help="events per EventBatch")
     work.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent for user and item draws (0 = uniform)")
@@ -708,7 +712,7 @@ def make_specs(args, users: list[str], items: list[str], dataset: str) -> list[d
             "concurrency": args.concurrency // args.processes + (index < args.concurrency % args.processes),
             "rate": args.rate / args.processes if args.rate else None,
             "phase": index / args.rate if args.rate else 0.0,  # interleave the processes' schedules
-            "max_inflight": args.max_inflight, "streams": args.streams, "k": args.k, "mix": args.mix,
+            "max_inflight": args.max_inflight, "streams": args.streams, "k": args.k, "rerank": args.rerank, "mix": args.mix,
             "events_per_message": args.events_per_message, "zipf": args.zipf, "seed": args.seed,
             "users": users, "items": items, "dataset": dataset, "token": args.token, "tls": args.tls,
             "root_cert": args.root_cert, "client_cert": args.client_cert, "client_key": args.client_key,
@@ -791,7 +795,7 @@ def build_report(args, recorder: Recorder, dataset: str, users: int, items: int,
         "processes": args.processes, "concurrency": None if args.rate else args.concurrency,
         "streams_per_process": args.streams if args.scenario != "recommend" else None,
         "target_rate_rps": args.rate, "duration_s": duration, "warmup_s": args.warmup, "wall_s": round(wall_s, 3),
-        "dataset": dataset, "users": users, "items": items, "zipf": args.zipf, "k": args.k,
+        "dataset": dataset, "users": users, "items": items, "zipf": args.zipf, "k": args.k, "rerank": args.rerank,
         "mix": args.mix if args.scenario == "mixed" else None,
         "events_per_message": args.events_per_message if args.scenario in ("events", "mixed") else None,
         "requests": requests, "ok": recorder.ok, "errors": recorder.error_count,

@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import EngineConfig
 from .engine import Engine
-from .evaluation import Catalog, StreamrecEngine, hit_and_ndcg, prequential_replay, replay_events, slice_interactions, time_split
+from .evaluation import Catalog, StreamrecEngine, hit_and_ndcg, prequential_replay, replay_events, time_split
 from .rerank_features import FEATURE_SPEC, ItemArrays, build_features, capture_user, feature_count, feature_names, state_clock_ms
 from .reranker import Reranker, sidecar_path
 from .seeding import seed_engine
