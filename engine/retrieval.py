@@ -123,7 +123,9 @@ class Retriever:
     def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
         with self.lock:
             prepared = self._prepare(queries)
-            popularity = self.state.items.popularity_scores()
+            # Only cold-start queries rank by popularity: skip the pass over every item when none is in the batch.
+            cold = any(vector is None for vector in prepared.queries)
+            popularity = self.state.items.popularity_scores() if cold else None
             plan = self._plan_rerank(queries, prepared)
         return self._search(queries, prepared, popularity, plan)
 
