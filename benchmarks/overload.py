@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from serving import loadtest  # benchmarks/serving.py: one load-tester run, its JSON report
 from streamrec.server.process import ServerProcess
 
 UNBOUNDED = 1_000_000
@@ -59,14 +59,6 @@ class RssSampler(threading.Thread):
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def loadtest(address: str, args: list[str], seconds: float) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "streamrec.clients.loadtest", "--address", address, "--duration", str(seconds),
-               "--warmup", "1", "--progress", "none", "--json", out.name, *args]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=seconds * 6 + 120)
-        return json.loads(Path(out.name).read_text())
 
 
 def phase_record(name: str, report: dict, rss: list[float]) -> dict:
@@ -112,7 +104,7 @@ def run_config(label: str, data_dir: Path, dataset: str, limit: int | None, seco
             if name in ("flood", "mixed"):
                 args = [*args, "--rate", f"{capacity * flood_x:.0f}"]
             started = time.monotonic()
-            report = loadtest(server.address, [*args, *common], seconds)
+            report = loadtest(server.address, [*args, *common], seconds, [])
             record = phase_record(name, report, sampler.between(started, time.monotonic()))
             record["config"] = label
             if name == "baseline":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import EventType, Interactions, event_weight
+from .types import EventType, Interactions, event_weights
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,7 @@ def confidence_matrix(
     interactions: Interactions, item_ids: list[str] | None = None
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Aggregated COO matrix (users, items, rows, cols, log1p confidences > 0); see the module docstring."""
-    users, user_codes = _codes(interactions.user_ids)
-    if item_ids is None:
-        items, item_codes = _codes(interactions.item_ids)
-    else:
-        items = [str(i) for i in item_ids]
-        index = {item: j for j, item in enumerate(items)}
-        if len(index) != len(items):
-            raise ValueError("item_ids has duplicates")
-        item_codes = np.fromiter((index.get(i, -1) for i in interactions.item_ids), np.int64, len(interactions))
+    users, user_codes, items, item_codes = interaction_codes(interactions, item_ids)
 
     weights = event_confidences(interactions.types, interactions.values)
     known = item_codes >= 0
@@ -109,18 +101,12 @@ def confidence_matrix(
 
 
 def event_confidences(types: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per-event signed confidence: event_weight, except RATING -> 1 + 0.5 * event_weight."""
-    types = np.asarray(types)
-    values = np.asarray(values, dtype=np.float64)
-    out = np.zeros(len(types), dtype=np.float64)
-    for t in np.unique(types):
-        mask = types == t
-        if t == EventType.RATING:
-            uniq, inv = np.unique(values[mask], return_inverse=True)  # few distinct ratings: reuse event_weight
-            w = np.array([RATING_BASE + RATING_SCALE * event_weight(EventType.RATING, v) for v in uniq])
-            out[mask] = w[inv.ravel()]
-        else:
-            out[mask] = event_weight(int(t), 0.0)
+    """Per-event signed confidence: event_weight, except RATING -> 1 + 0.5 * event_weight. Vectorised without
+    a loop over types: it runs on every group commit (via the online strengths), often for a few events."""
+    types = np.asarray(types, np.int64)
+    out, _ = event_weights(types, values)
+    rating = types == EventType.RATING
+    out[rating] = RATING_BASE + RATING_SCALE * out[rating]
     return out
 
 
@@ -144,6 +130,21 @@ def randomized_svd(
         q, _ = np.linalg.qr(a_times(q))
     ub, s, vt = np.linalg.svd(at_times(q).T, full_matrices=False)  # B = Q.T A, small [width, n]
     return (q @ ub)[:, :k], s[:k], vt[:k]
+
+
+def interaction_codes(interactions: Interactions, item_ids: list[str] | None = None):
+    """(users, user code per event, items, item code per event): users in order of first appearance; items as
+    given (events on items outside `item_ids` get code -1) or in order of first appearance."""
+    users, user_codes = _codes(interactions.user_ids)
+    if item_ids is None:
+        items, item_codes = _codes(interactions.item_ids)
+    else:
+        items = [str(i) for i in item_ids]
+        index = {item: j for j, item in enumerate(items)}
+        if len(index) != len(items):
+            raise ValueError("item_ids has duplicates")
+        item_codes = np.fromiter((index.get(str(i), -1) for i in interactions.item_ids), np.int64, len(interactions))
+    return users, user_codes, items, item_codes
 
 
 def _codes(ids: np.ndarray) -> tuple[list[str], np.ndarray]:

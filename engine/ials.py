@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bootstrap import _codes, event_confidences
+from .bootstrap import event_confidences, interaction_codes
 from .types import Interactions
 
 
@@ -53,15 +53,7 @@ class PairMatrix:
 def pair_matrix(interactions: Interactions, item_ids: list[str] | None = None) -> PairMatrix:
     """Aggregate events into (user, item) pairs; users in order of first appearance, items as given (events
     on items outside `item_ids` are dropped) or in order of first appearance."""
-    users, user_codes = _codes(interactions.user_ids)
-    if item_ids is None:
-        items, item_codes = _codes(interactions.item_ids)
-    else:
-        items = [str(i) for i in item_ids]
-        index = {item: j for j, item in enumerate(items)}
-        if len(index) != len(items):
-            raise ValueError("item_ids has duplicates")
-        item_codes = np.fromiter((index.get(str(i), -1) for i in interactions.item_ids), np.int64, len(interactions))
+    users, user_codes, items, item_codes = interaction_codes(interactions, item_ids)
     signed = event_confidences(interactions.types, interactions.values)
     known = item_codes >= 0
     user_codes, item_codes, signed = user_codes[known], item_codes[known], signed[known]
