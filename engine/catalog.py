@@ -176,7 +176,7 @@ class ItemCatalog:
         if liked.any():
             terms = np.log2(weights[liked]) + timestamps_ms[liked] / self.half_life_ms
             np.logaddexp2.at(self.log2_popularity, rows[liked], terms)
-        self.dirty_rows.update(np.unique(rows).tolist())
+        self.dirty_rows.update(rows.tolist())
 
     def popularity_at(self, row: int, now_ms: int) -> float:
         """Decayed count of positive events as of now_ms."""

@@ -2,7 +2,7 @@
 Live ingestion and crash recovery call the same functions, so a replay rebuilds the same state."""
 from __future__ import annotations
 
-import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 
@@ -30,12 +30,16 @@ _USER_ID, _ITEM_ID, _TYPE = attrgetter("user_id"), attrgetter("item_id"), attrge
 _VALUE, _TIMESTAMP = attrgetter("value"), attrgetter("timestamp_ms")
 # Below this many events a thread hand-off (tens of microseconds) costs more than the overlap saves.
 _OVERLAP_MIN_EVENTS = 64
+_kernel_executor: tuple[int, ThreadPoolExecutor] | None = None
 
 
-@functools.cache
 def _kernel_thread() -> ThreadPoolExecutor:
-    """One helper thread for the update kernel, shared by every State of the process (calls wait for it)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="streamrec-update")
+    """One helper thread for the update kernel, shared by every State of the process (each call waits for its
+    kernel). Keyed by pid: a forked child has the executor but not its thread."""
+    global _kernel_executor
+    if _kernel_executor is None or _kernel_executor[0] != os.getpid():
+        _kernel_executor = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="streamrec-update"))
+    return _kernel_executor[1]
 
 
 class State:
@@ -78,10 +82,12 @@ class State:
         running = _kernel_thread().submit(apply_update_kernel, *kernel_args) if n >= _OVERLAP_MIN_EVENTS else None
         if running is None:
             apply_update_kernel(*kernel_args)
-        self._record_events(user_rows, item_rows, types, values, timestamps)
-        if running is not None:
-            running.result()
-        changed = np.unique(moved[moved >= 0]).tolist()
+        try:
+            self._record_events(user_rows, item_rows, types, values, timestamps)
+        finally:  # never return (or raise) while the kernel still writes the state
+            if running is not None:
+                running.result()
+        changed = moved[moved >= 0].tolist()
         items.dirty_rows.update(changed)
         items.device_changes.update(changed)
         self.embedding_version += 1
