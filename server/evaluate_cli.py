@@ -123,7 +123,8 @@ class ServedStreamrec:
 
     def recommend(self, user_id: str, k: int, exclude_rows: np.ndarray) -> list[str]:
         self.flush()
-        response = self.client.recommend(user_id, k=k)
+        # Retrieval order, like the engine-API run it must equal (a server with a model would otherwise rerank).
+        response = self.client.recommend(user_id, k=k, rerank=False)
         self.strategies[response.strategy] = self.strategies.get(response.strategy, 0) + 1
         return [item.item_id for item in response.items]
 
