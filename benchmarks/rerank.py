@@ -5,7 +5,9 @@ An engine seeded with ML-100K (the demo data set) and the shipped reranker (engi
 gives real users, real candidates and real feature values. Per batch size it times, interleaved repeat by
 repeat (other load hits all of them alike):
 
-  features     rerank_features.build_features for the whole batch (NumPy)
+  features     rerank_features.build_features for the whole batch (the Numba kernel training and serving use)
+  features-numpy  rerank_features.build_features_numpy: the NumPy reference (the implementation before the
+               kernel), same rows
   ort          one ONNX Runtime session call on those rows (the serving session: 1 intra-op thread, CPU
                unless --provider cuda and a usable GPU)
   rerank       features + ort: what reranking adds to a micro-batch (this is the p99 <= 2 ms target for
@@ -36,7 +38,7 @@ import numpy as np
 
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
-from streamrec.engine.rerank_features import ItemArrays, build_features, capture_user, state_clock_ms
+from streamrec.engine.rerank_features import ItemArrays, build_features, build_features_numpy, capture_user, state_clock_ms
 from streamrec.engine.reranker import SHIPPED_MODEL
 from streamrec.engine.seeding import load_dataset, seed_engine
 
@@ -161,6 +163,7 @@ def main() -> int:
 
     meta = json.loads(args.model.with_suffix(".json").read_text())
     dim = meta["dim"]
+    load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(Path(tmp) / "lmdb", EngineConfig(dim=dim, sync=False, backend=args.backend, rerank_provider=args.provider,
@@ -186,11 +189,15 @@ def main() -> int:
                 inputs.append((ctx, rows, [a.scores for a in answers], items, now, group))
             features0 = build_features(*inputs[0][:5])
             reference = model.score(features0)
-            check = {"numpy_peer_max_abs_diff": float(np.max(np.abs(numpy_net(features0) - reference)))}
+            check = {"numpy_peer_max_abs_diff": float(np.max(np.abs(numpy_net(features0) - reference))),
+                     "features_numpy_max_abs_diff": float(np.max(np.abs(build_features_numpy(*inputs[0][:5]) - features0))),
+                     "scores_from_numpy_features_max_abs_diff": float(np.max(np.abs(
+                         model.score(build_features_numpy(*inputs[0][:5])) - reference)))}
             if torch_net is not None:
                 check["torch_peer_max_abs_diff"] = float(np.max(np.abs(torch_net(features0) - reference)))
             impls = {
                 "features": lambda inp: build_features(*inp[:5]),
+                "features-numpy": lambda inp: build_features_numpy(*inp[:5]),
                 "ort": None,  # on precomputed rows
                 "rerank": lambda inp: model.score(build_features(*inp[:5])),
                 "numpy-peer": None,
@@ -225,16 +232,16 @@ def main() -> int:
         provider = model.provider
         engine.close(checkpoint=False)
 
-    header = f"{'batch':>5} {'impl':<11} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'per request p50 us':>19}"
+    header = f"{'batch':>5} {'impl':<14} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'per request p50 us':>19}"
     print(header)
     for r in results:
         if r["impl"] == "check":
             continue
-        print(f"{r['batch']:>5} {r['impl']:<11} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} {r['p99_ms']:8.3f} {r['p50_ms'] * 1e3 / r['batch']:19.1f}")
+        print(f"{r['batch']:>5} {r['impl']:<14} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} {r['p99_ms']:8.3f} {r['p50_ms'] * 1e3 / r['batch']:19.1f}")
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "provider": provider, "model": str(args.model), "model_version": meta.get("version"),
         "onnxruntime": __import__("onnxruntime").__version__, "results": results,
     }

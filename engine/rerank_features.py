@@ -1,12 +1,14 @@
 """Features for the second stage (reranking): one row per (user, candidate), built for a whole batch of
-queries at once with NumPy. Training (engine/rerank_training.py) and serving (engine/reranker.py) both
-call `build_features`, so the two cannot drift; the model's sidecar records FEATURE_SPEC and the dimension,
+queries at once. Training (engine/rerank_training.py) and serving (engine/reranker.py) both call
+`build_features` (a Numba kernel, engine/cpu/rerank_features.py), so the two cannot drift;
+`build_features_numpy` is the NumPy reference it is tested against (same values up to float rounding); the model's sidecar records FEATURE_SPEC and the dimension,
 and a model built for another spec or dimension is refused.
 
 Two steps:
   * `capture_user` / `ItemArrays.of` run under the state lock and copy (users) or reference (items) the
     little each query needs: the user's unit query vector, counts, last event time and recent history;
-  * `build_features` runs outside the lock on those snapshots plus the retrieved candidates.
+  * `build_features` runs outside the lock on those snapshots plus the retrieved candidates: it packs the
+    batch into flat arrays and one compiled call fills every row (no per-candidate Python).
 
 Time features are measured against the state clock (the latest event timestamp the state has applied,
 `state_clock_ms`), not the wall clock, so a replay of an old log (training, evaluation, the demo data set)
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cpu import rerank_features as _kernel
 from .types import EventType, TYPE_WEIGHTS
 
 FEATURE_SPEC = "streamrec-rerank-features-v1"
@@ -58,6 +61,14 @@ POP_FLOOR = -40.0  # log2 popularity of an item with no positive event (instead 
 NEVER_HOURS = 1e6  # idle time used when there is no event at all
 _HOUR_MS = 3_600_000.0
 _POSITIVE_TYPES = np.array([int(t) for t, w in TYPE_WEIGHTS.items() if w > 0], np.int64)
+_POSITIVE_TYPE_SET = frozenset(int(t) for t in _POSITIVE_TYPES)
+_RATING = int(EventType.RATING)
+_RECENCY_WEIGHTS = RECENCY_DECAY ** np.arange(max(RECENT_POSITIVES, 1), dtype=np.float64)  # as the reference
+_EMPTY_ROWS = np.zeros(0, np.int64)
+_LOG1P_RANK = np.log1p(np.arange(1024, dtype=np.float32))  # float32, as the reference computes it
+_NEVER_LOG_HOURS = float(np.log1p(NEVER_HOURS))
+if _kernel.SCALAR_ORDER != SCALAR_FEATURES:  # the compiled kernel writes the columns in its own fixed order
+    raise ImportError("engine/cpu/rerank_features.SCALAR_ORDER differs from rerank_features.SCALAR_FEATURES")
 
 
 def feature_count(dim: int) -> int:
@@ -108,17 +119,25 @@ def positive_mask(types: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def capture_user(users, row: int, vector: np.ndarray) -> UserContext:
-    """Snapshot of user `row` (call under the state lock). `vector` is its unit query vector."""
+    """Snapshot of user `row` (call under the state lock). `vector` is its unit query vector.
+    One plain pass over the (short, bounded) history, most recent first: cheaper than building arrays."""
     history = users.history[row]
     if history:
-        rows, types, values, _ = (np.asarray(column) for column in zip(*history))
-        rows = rows[::-1].astype(np.int64)  # most recent first
-        positive = positive_mask(types[::-1], values[::-1])
-        positive_rows = rows[positive][:RECENT_POSITIVES]
-        negative_rows = rows[~positive][:RECENT_NEGATIVES]
-        frac = float(positive.mean())
+        positives: list[int] = []
+        negatives: list[int] = []
+        n_positive = 0
+        for item_row, event_type, value, _ in reversed(history):
+            if (value >= 4.0) if event_type == _RATING else (event_type in _POSITIVE_TYPE_SET):
+                n_positive += 1
+                if len(positives) < RECENT_POSITIVES:
+                    positives.append(item_row)
+            elif len(negatives) < RECENT_NEGATIVES:
+                negatives.append(item_row)
+        positive_rows = np.array(positives, np.int64) if positives else _EMPTY_ROWS
+        negative_rows = np.array(negatives, np.int64) if negatives else _EMPTY_ROWS
+        frac = n_positive / len(history)
     else:
-        positive_rows = negative_rows = np.zeros(0, np.int64)
+        positive_rows = negative_rows = _EMPTY_ROWS
         frac = 0.0
     return UserContext(np.asarray(vector, np.float32), int(users.event_counts[row]), len(users.seen[row]),
                        int(users.last_event_ms[row]), positive_rows, negative_rows, frac)
@@ -149,7 +168,76 @@ def build_features(users: list[UserContext], candidates: list[np.ndarray], score
                    items: ItemArrays, now_ms: int) -> np.ndarray:
     """float32 [sum(len(c) for c in candidates), feature_count(dim)]: the rows of query 0's candidates
     (in the given order), then query 1's, and so on. `candidates[b]` are item rows (>= 0) in retrieval
-    order, `scores[b]` their retrieval scores."""
+    order, `scores[b]` their retrieval scores. The function training and serving use (Numba kernel);
+    equal to `build_features_numpy` up to float rounding."""
+    batch = len(users)
+    vectors = items.vectors
+    dim = vectors.shape[1]
+    # Fresh, writable arrays of fixed dtypes and layouts (a read-only or strided view would make Numba
+    # compile another specialisation on the request path).
+    if batch == 1:  # the common serving case: no concatenation
+        cand = np.array(candidates[0], np.int64)
+        flat_scores = np.array(scores[0], np.float32)
+        offsets = np.array([0, len(cand)], np.int64)
+        user_vec = np.empty((1, dim), np.float32)
+        user_vec[0] = users[0].vector
+    else:
+        counts = [len(c) for c in candidates]
+        offsets = np.zeros(batch + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        cand = np.concatenate(candidates).astype(np.int64, copy=False) if batch else np.zeros(0, np.int64)
+        flat_scores = np.concatenate(scores).astype(np.float32, copy=False) if batch else np.zeros(0, np.float32)
+        user_vec = np.empty((batch, dim), np.float32)
+        for b, u in enumerate(users):
+            user_vec[b] = u.vector
+    total = int(offsets[-1])
+    out = np.empty((total, feature_count(dim)), np.float32)
+    if total == 0:
+        return out
+    if len(flat_scores) != total:
+        raise ValueError(f"scores: {len(flat_scores)} values for {total} candidates")
+    if cand.min() < 0 or cand.max() >= len(vectors):
+        raise IndexError(f"candidate rows must be in [0, {len(vectors)})")
+    user_ints = np.empty((batch, 3), np.int64)
+    user_frac = np.empty(batch, np.float64)
+    pos = np.zeros((batch, max(RECENT_POSITIVES, 1)), np.int64)
+    neg = np.zeros((batch, max(RECENT_NEGATIVES, 1)), np.int64)
+    pos_count = np.empty(batch, np.int64)
+    neg_count = np.empty(batch, np.int64)
+    n = len(vectors)
+    for b, u in enumerate(users):
+        user_ints[b, 0] = u.event_count
+        user_ints[b, 1] = u.seen_count
+        user_ints[b, 2] = u.last_event_ms
+        user_frac[b] = u.recent_positive_frac
+        p = u.positive_rows[:RECENT_POSITIVES]
+        q = u.negative_rows[:RECENT_NEGATIVES]
+        pos[b, : len(p)] = p
+        neg[b, : len(q)] = q
+        pos_count[b] = len(p)
+        neg_count[b] = len(q)
+    if (pos.min() < 0 or pos.max() >= n) or (neg.min() < 0 or neg.max() >= n):
+        raise IndexError(f"history rows must be in [0, {n})")
+    _kernel.features_kernel(
+        user_vec, user_ints, user_frac, pos, pos_count, neg, neg_count, cand, offsets, flat_scores,
+        _kernel_array(vectors, np.float32), _kernel_array(items.log2_popularity, np.float64),
+        _kernel_array(items.interactions, np.int64), _kernel_array(items.last_event_ms, np.int64),
+        _kernel_array(items.category_bits, np.uint64), float(now_ms / items.half_life_ms), int(now_ms),
+        _HOUR_MS, POP_FLOOR, _NEVER_LOG_HOURS, _RECENCY_WEIGHTS, _LOG1P_RANK, out)
+    return out
+
+
+def _kernel_array(a: np.ndarray, dtype) -> np.ndarray:
+    """`a` itself when it already has the kernel's type (C-contiguous, writable, dtype), else a copy."""
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype, order="C")
+
+
+def build_features_numpy(users: list[UserContext], candidates: list[np.ndarray], scores: list[np.ndarray],
+                         items: ItemArrays, now_ms: int) -> np.ndarray:
+    """The NumPy reference of `build_features` (the implementation the shipped model was trained with):
+    kept to test the kernel against, not called by training or serving."""
     dim = items.vectors.shape[1]
     batch = len(users)
     counts = np.fromiter((len(c) for c in candidates), np.int64, batch)

@@ -14,9 +14,10 @@ from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.datasets import synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.rerank_features import (FEATURE_SPEC, N_SCALARS, SCALAR_FEATURES, ItemArrays, UserContext, build_features,
-                                              capture_user, feature_count, state_clock_ms)
-from streamrec.engine.reranker import Reranker, RerankerRejected
+from streamrec.engine.rerank_features import (FEATURE_SPEC, N_SCALARS, RECENT_NEGATIVES, RECENT_POSITIVES, SCALAR_FEATURES,
+                                              ItemArrays, UserContext, build_features, build_features_numpy, capture_user,
+                                              feature_count, positive_mask, state_clock_ms)
+from streamrec.engine.reranker import WARM_CANDIDATES, RerankModel, Reranker, RerankerRejected
 from streamrec.engine.seeding import seed_engine
 from streamrec.server.app import ServerConfig, StreamrecServer
 
@@ -105,7 +106,8 @@ def test_batched_features_equal_one_query_at_a_time(engine):
     assert np.all(np.isfinite(batch))
 
 
-def test_feature_values_by_hand():
+@pytest.mark.parametrize("build", [build_features, build_features_numpy], ids=["kernel", "numpy-reference"])
+def test_feature_values_by_hand(build):
     dim = 4
     vectors = np.eye(dim, dtype=np.float32)
     vectors = np.concatenate([vectors, np.full((1, dim), 0.5, np.float32)])  # row 4: (0.5, 0.5, 0.5, 0.5)
@@ -115,7 +117,7 @@ def test_feature_values_by_hand():
     user = UserContext(np.array([1, 0, 0, 0], np.float32), event_count=4, seen_count=3, last_event_ms=10_800_000,
                        positive_rows=np.array([0, 2]), negative_rows=np.array([3]), recent_positive_frac=2 / 3)
     rows = np.array([4, 1, 2])
-    f = build_features([user], [rows], [np.array([0.5, 0.2, 0.1], np.float32)], items, now_ms=10_800_000)
+    f = build([user], [rows], [np.array([0.5, 0.2, 0.1], np.float32)], items, now_ms=10_800_000)
     s = {name: f[:, 3 * dim + j] for j, name in enumerate(SCALAR_FEATURES)}
     np.testing.assert_allclose(f[:, :dim], np.tile(user.vector, (3, 1)))
     np.testing.assert_allclose(f[:, dim:2 * dim], vectors[rows])
@@ -138,6 +140,115 @@ def test_feature_values_by_hand():
     np.testing.assert_allclose(s["user_log_events"], np.log1p(4.0), rtol=1e-6)
     np.testing.assert_allclose(s["user_log_hours_idle"], 0.0)
     assert len(SCALAR_FEATURES) == N_SCALARS
+
+
+# Columns that are copies, float32 products, differences or ratios of counts: the kernel must give the
+# reference's exact float32 values. The cosines differ in rounding only: the kernel sums in float64 (then
+# rounds to float32), the reference is a float32 BLAS matmul, so they agree to ~1e-7 on a scale of 1.
+_COSINE_COLUMNS = ("hist_max_cos", "hist_mean_cos5", "hist_last_cos", "neg_max_cos")
+_EXACT_COLUMNS = ("retrieval_score", "retrieval_rank_frac", "retrieval_score_gap", "item_pop_rank_frac", "item_never",
+                  "item_num_categories", "user_recent_positive_frac", "cat_match_frac")
+
+
+def assert_kernel_matches_reference(fast: np.ndarray, ref: np.ndarray, dim: int) -> None:
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == np.float32
+    assert np.all(np.isfinite(fast))
+    np.testing.assert_array_equal(fast[:, : 3 * dim], ref[:, : 3 * dim])  # user, item, user * item
+    for j, name in enumerate(SCALAR_FEATURES):
+        a, b = fast[:, 3 * dim + j], ref[:, 3 * dim + j]
+        if name in _EXACT_COLUMNS:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        elif name in _COSINE_COLUMNS:  # 1e-6 relative to the cosine's scale (|cos| <= 1)
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=0, err_msg=name)
+
+
+def random_batch(rng: np.random.Generator, dim: int = 16, n: int = 400, words: int = 2, batch: int = 6):
+    """Random catalog and queries, with the edge cases: items never seen (-inf popularity, no events),
+    equal popularity (rank ties), several category words, users without history or with more history
+    than the features read, a user with no event time, lists of different lengths and an empty one."""
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    log2_pop = rng.normal(30.0, 20.0, n)
+    log2_pop[rng.random(n) < 0.1] = -np.inf
+    log2_pop[rng.random(n) < 0.1] = 35.0  # ties
+    interactions = rng.integers(0, 50, n)
+    interactions[np.isinf(log2_pop) | (rng.random(n) < 0.05)] = 0
+    last = rng.integers(0, 10**9, n)
+    bits = np.zeros((n, words), np.uint64)
+    for w in range(words):
+        bits[:, w] = (rng.integers(0, 1 << 62, n) & rng.integers(0, 1 << 62, n) & rng.integers(0, 1 << 62, n)).astype(np.uint64)
+    items = ItemArrays(vectors, log2_pop, interactions, last, bits, 86_400_000.0)
+    users, candidates, scores = [], [], []
+    for b in range(batch):
+        vector = rng.standard_normal(dim).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        n_pos = [0, 3, 7, RECENT_POSITIVES + 5][b % 4]
+        n_neg = [0, 1, RECENT_NEGATIVES + 3][b % 3]
+        users.append(UserContext(vector, int(rng.integers(0, 100)), int(rng.integers(0, 60)),
+                                 0 if b == 1 else int(rng.integers(1, 10**9)), rng.integers(0, n, n_pos),
+                                 rng.integers(0, n, n_neg), float(rng.random())))
+        rows = np.zeros(0, np.int64) if b == 2 else rng.choice(n, int(rng.integers(1, 230)), replace=False)
+        candidates.append(rows)
+        scores.append(np.sort(vectors[rows] @ vector)[::-1].astype(np.float32))
+    return users, candidates, scores, items, int(10**9 + rng.integers(0, 10**7))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_equals_numpy_reference_on_random_inputs(seed):
+    args = random_batch(np.random.default_rng(seed), words=1 + seed % 3)
+    fast = build_features(*args)
+    assert_kernel_matches_reference(fast, build_features_numpy(*args), 16)
+    # and one query at a time gives the same rows (a query's features do not depend on its batch)
+    users, candidates, scores, items, now = args
+    single = np.concatenate([build_features([u], [c], [s], items, now) for u, c, s in zip(users, candidates, scores)])
+    np.testing.assert_array_equal(fast, single)
+
+
+def test_kernel_equals_numpy_reference_on_engine_state(engine):
+    state = engine.state
+    users = users_with_vectors(engine, 12)
+    answers = engine.recommend([engine.build_query(u, 150, rerank=False) for u in users])
+    with engine.lock:
+        contexts = [capture_user(state.users, state.users.rows[u], state.users.query_vector(state.users.rows[u])) for u in users]
+        items = ItemArrays.of(state.items)
+        now = state_clock_ms(state.items)
+    rows = [np.fromiter((state.items.rows[i] for i in a.item_ids), np.int64) for a in answers]
+    assert any(len(c.positive_rows) for c in contexts) and any(len(c.negative_rows) for c in contexts)
+    args = (contexts, rows, [a.scores for a in answers], items, now)
+    assert_kernel_matches_reference(build_features(*args), build_features_numpy(*args), DIM)
+
+
+def test_capture_user_equals_the_array_version(engine):
+    """capture_user's plain loop gives what the former NumPy version (positive_mask on the history) gave."""
+    users = engine.state.users
+    checked = 0
+    for user in users_with_vectors(engine, 40):
+        row = users.rows[user]
+        history = users.history[row]
+        ctx = capture_user(users, row, users.query_vector(row))
+        if history:
+            item_rows, types, values, _ = (np.asarray(column) for column in zip(*history))
+            positive = positive_mask(types[::-1], values[::-1])
+            np.testing.assert_array_equal(ctx.positive_rows, item_rows[::-1][positive][:RECENT_POSITIVES])
+            np.testing.assert_array_equal(ctx.negative_rows, item_rows[::-1][~positive][:RECENT_NEGATIVES])
+            assert ctx.recent_positive_frac == float(positive.mean())
+            checked += 1
+        assert ctx.positive_rows.dtype == ctx.negative_rows.dtype == np.int64
+    assert checked
+
+
+def test_model_is_warmed_up_when_loaded(tmp_path, monkeypatch):
+    """Loading runs one request's worth of rows through the features and the new session, even with no
+    catalog to build a probe from, so the first real request does not compile or allocate."""
+    shapes = []
+    original = RerankModel.score
+    monkeypatch.setattr(RerankModel, "score", lambda self, features: shapes.append(features.shape) or original(self, features))
+    reranker = Reranker(DIM, provider="cpu")
+    reranker.load(make_model(tmp_path / "m.onnx"))
+    assert (WARM_CANDIDATES, WIDTH) in shapes
+    assert reranker.model is not None
 
 
 def test_serving_features_equal_training_features(engine, models, monkeypatch):
