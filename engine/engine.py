@@ -20,6 +20,7 @@ import numpy as np
 from . import codec
 from .batcher import MicroBatcher
 from .config import EngineConfig
+from .cpu.update import warmup as warm_update_kernel
 from .errors import InvalidArgument, NotFound
 from .observer import EngineObserver
 from .rerank_features import ItemArrays, state_clock_ms
@@ -198,6 +199,7 @@ class Engine:
         self.backend = get_backend(config.backend)
         if hasattr(self.backend, "warmup"):
             self.backend.warmup()  # JIT-compile now, not on the first request
+        warm_update_kernel()  # likewise for the online update: the first ingested event should not pay for it
         self.retriever = Retriever(self.state, self.lock, self.backend, np.dtype(config.gpu_storage))
         self.reranker = Reranker(config.dim, config.rerank_provider, config.rerank_threads)
         self.retriever.reranker = self.reranker
