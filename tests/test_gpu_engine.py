@@ -7,13 +7,18 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from streamrec.engine.gpu import CUDA_AVAILABLE
 
 SCRIPT = textwrap.dedent('''
-    import json, sys, tempfile
+    import json, os, sys, tempfile
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        sys.path.insert(0, os.environ["STREAMREC_TESTS_DIR"])
+        from cudasim_shared_fix import patch_shared_arrays
+        patch_shared_arrays()  # the simulator's own race, not the kernel's: see tests/cudasim_shared_fix.py
     from streamrec.engine.config import EngineConfig
     from streamrec.engine.datasets import synthetic
     from streamrec.engine.engine import Engine
@@ -45,7 +50,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def run_script(env_extra: dict, n_items: int) -> dict:
-    env = {**os.environ, **env_extra}
+    env = {**os.environ, **env_extra, "STREAMREC_TESTS_DIR": str(Path(__file__).parent)}
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(n_items)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -230,6 +230,9 @@ SIM_SCENARIOS = {f.__name__: f for f in (sim_search, sim_ties, sim_edges, sim_sy
 
 
 def sim_main(name: str) -> None:
+    from cudasim_shared_fix import patch_shared_arrays
+
+    patch_shared_arrays()  # the simulator's own race, not the kernel's: see tests/cudasim_shared_fix.py
     print(json.dumps({"scenario": name, "checks": SIM_SCENARIOS[name]()}))
 
 
