@@ -454,8 +454,65 @@ def _sm_count() -> int:
         return 1
 
 
+class _Workspace:
+    """Device scratch reused from call to call. Numba pays a cudaMalloc and a blocking copy per
+    `to_device`/`device_array`, and thousands of Python calls per search for device-array views; on an H100
+    that host work, not the kernels, was most of a small search. So per-call inputs travel packed, in one
+    copy from a pinned buffer, outputs land in named buffers that only grow, and every device view (one per
+    offset, dtype and shape) is made once and kept. Not thread-safe: its owner serialises calls."""
+
+    _ALIGN = 256  # bytes; keeps every packed array aligned for any element type
+    _MAX_VIEWS = 4096  # cached views before the cache starts over (shapes vary with the batch)
+
+    def __init__(self) -> None:
+        self._host = None  # pinned uint8 staging buffer
+        self._dev = None  # device uint8 buffer the packed inputs are copied into
+        self._named: dict[str, object] = {}
+        self._views: dict[tuple, object] = {}
+
+    def upload(self, *arrays: np.ndarray) -> list:
+        """Device views of `arrays` (each non-empty), valid until the next upload."""
+        offsets, total = [], 0
+        for a in arrays:
+            if a.nbytes == 0:
+                raise ValueError("zero-size arrays cannot be packed")
+            offsets.append(total)
+            total += -(-a.nbytes // self._ALIGN) * self._ALIGN
+        if self._dev is None or self._dev.shape[0] < total:
+            size = _pow2(max(total, 1 << 16))
+            self._host = cuda.pinned_array(size, dtype=np.uint8)
+            self._dev = cuda.device_array(size, dtype=np.uint8)
+            self._views.clear()
+        for a, off in zip(arrays, offsets):
+            self._host[off : off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        self._view("dev", 0, (total,), np.uint8).copy_to_device(self._view("host", 0, (total,), np.uint8))
+        return [self._view("dev", off, a.shape, a.dtype) for a, off in zip(arrays, offsets)]
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype) -> object:
+        """A device array of `shape` backed by the named buffer (its contents are whatever was left there;
+        other shapes of the same name alias the same bytes)."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        buf = self._named.get(name)
+        if buf is None or buf.shape[0] < nbytes:
+            self._named[name] = cuda.device_array(_pow2(max(nbytes, 1 << 12)), dtype=np.uint8)
+            self._views.clear()
+        return self._view(name, 0, shape, dtype)
+
+    def _view(self, base: str, offset: int, shape: tuple[int, ...], dtype) -> object:
+        key = (base, offset, shape, np.dtype(dtype).str)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self._MAX_VIEWS:
+                self._views.clear()
+            buf = self._dev if base == "dev" else self._host if base == "host" else self._named[base]
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            view = self._views[key] = buf[offset : offset + nbytes].view(dtype).reshape(shape)
+        return view
+
+
 class _QueryFilters:
-    """Per-call, per-query filter arrays on the device: category bitsets and sorted in-range excludes."""
+    """Per-call, per-query filter arrays: category bitsets and sorted in-range excludes, on the host in
+    kernel-argument order (inc, exc, inc_any, ex_ptr, ex_rows); they travel in one packed upload."""
 
     def __init__(self, filters: Filters, n_items: int, words: int) -> None:
         b = filters.num_queries
@@ -467,17 +524,12 @@ class _QueryFilters:
         order = np.lexsort((rows, query_of))  # sorted rows per query, for the kernel's binary search
         indptr = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(np.bincount(query_of, minlength=b), out=indptr[1:])
-        padded_rows = np.zeros(max(1, len(rows)), dtype=np.int64)  # no zero-size device arrays
+        padded_rows = np.zeros(_pow2(max(1, len(rows))), dtype=np.int64)  # never empty; few distinct sizes
         padded_rows[: len(rows)] = rows[order]
-        self.ex_ptr = cuda.to_device(indptr)
-        self.ex_rows = cuda.to_device(padded_rows)
         # "any include bit" is decided on all words: a category no item has still filters everything out.
-        self.inc_any = cuda.to_device(filters.include_cats.any(axis=1).astype(np.uint8))
-        self.inc = cuda.to_device(_pad_words(filters.include_cats, words))
-        self.exc = cuda.to_device(_pad_words(filters.exclude_cats, words))
-
-    def args(self) -> tuple:
-        return self.inc, self.exc, self.inc_any, self.ex_ptr, self.ex_rows
+        inc_any = filters.include_cats.any(axis=1).astype(np.uint8)
+        self.arrays = (_pad_words(filters.include_cats, words), _pad_words(filters.exclude_cats, words),
+                       inc_any, indptr, padded_rows)
 
 
 class DeviceItemMatrix:
@@ -670,8 +722,10 @@ class CudaTopK:
         self.items_per_block = items_per_block
         self.max_pass_k = int(max_pass_k)
         self.target_blocks = max(1, int(blocks_per_sm) * _sm_count())
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one search at a time: the workspace and the mirror are shared
         self._mirror: _HostMirror | None = None
+        self._work = _Workspace()  # queries, filters and candidate buffers
+        self._bounds = _Workspace()  # each pass's upper bounds (uploaded while the queries stay put)
 
     # --- TopKBackend ---------------------------------------------------------------------------------
 
@@ -700,19 +754,20 @@ class CudaTopK:
         if b == 0 or n == 0:
             return _padded(b, k)
         words = max(1, filters.words)
-        live = cuda.to_device(filters.valid.astype(np.uint8))
-        cats_t = cuda.to_device(np.ascontiguousarray(_pad_words(filters.item_cats, words).T))
+        cats_t = np.ascontiguousarray(_pad_words(filters.item_cats, words).T)
         qf = _QueryFilters(filters, n, words)
-        table = cuda.to_device(np.ascontiguousarray(table))
+        with self._lock:
+            table, live, cats_t, *filter_args = self._work.upload(
+                np.ascontiguousarray(table), filters.valid.astype(np.uint8), cats_t, *qf.arrays)
 
-        def launch(qt, kth, kp, upper, span, blocks):
-            out = cuda.device_array((b, blocks, kp), dtype=np.uint64)
-            _scores_kernel[(b, blocks), self.threads](
-                table, live, cats_t, *qf.args(), upper, n, span, kth, kp, self.buffer, out
-            )
-            return out
+            def launch(qt, kth, kp, upper, span, blocks):
+                out = self._work.buffer("cand", (b, blocks, kp), np.uint64)
+                _scores_kernel[(b, blocks), self.threads](
+                    table, live, cats_t, *filter_args, upper, n, span, kth, kp, self.buffer, out
+                )
+                return "cand"
 
-        return _decode(self._top_keys(b, n, k, launch, tiled=False), k)
+            return _decode(self._top_keys(b, n, k, launch, tiled=False), k)
 
     # --- resident path -------------------------------------------------------------------------------
 
@@ -731,17 +786,18 @@ class CudaTopK:
         if b == 0 or n == 0:
             return _padded(b, k)
         qf = _QueryFilters(filters, n, matrix.words)
-        d_queries = cuda.to_device(queries)
+        with self._lock:
+            d_queries, *filter_args = self._work.upload(queries, *qf.arrays)
 
-        def launch(qt, kth, kp, upper, span, blocks):
-            out = cuda.device_array((b, blocks, kp), dtype=np.uint64)
-            _dot_kernel(qt)[(math.ceil(b / qt), blocks), self.threads](
-                d_queries, matrix.vectors, matrix.live, matrix.cats, *qf.args(), upper, n, span, kth, kp,
-                self.buffer, out,
-            )
-            return out
+            def launch(qt, kth, kp, upper, span, blocks):
+                out = self._work.buffer("cand", (b, blocks, kp), np.uint64)
+                _dot_kernel(qt)[(math.ceil(b / qt), blocks), self.threads](
+                    d_queries, matrix.vectors, matrix.live, matrix.cats, *filter_args, upper, n, span, kth, kp,
+                    self.buffer, out,
+                )
+                return "cand"
 
-        return _decode(self._top_keys(b, n, k, launch, tiled=True), k)
+            return _decode(self._top_keys(b, n, k, launch, tiled=True), k)
 
     def warmup(self) -> None:
         """Compile every kernel this backend launches (for its storage dtype) on tiny inputs."""
@@ -771,7 +827,7 @@ class CudaTopK:
             kth = min(self.max_pass_k, total - done)
             kp = _pow2(kth)
             span, blocks = self._split(n, math.ceil(b / qt), kp)
-            cand = launch(qt, kth, kp, cuda.to_device(upper), span, blocks)
+            cand = launch(qt, kth, kp, self._bounds.upload(upper)[0], span, blocks)
             top = self._reduce(cand, b, blocks, kth, kp)[:, :kth]
             keys[:, done : done + kth] = top
             done += kth
@@ -793,13 +849,18 @@ class CudaTopK:
         span = max(span, math.ceil(n / _MAX_GRID_Y))
         return span, math.ceil(n / span)
 
-    def _reduce(self, cand, b: int, blocks: int, kth: int, kp: int) -> np.ndarray:
-        """Merge [B, blocks, kp] candidate lists down to one sorted list per query (host [B, kp])."""
+    def _reduce(self, src: str, b: int, blocks: int, kth: int, kp: int) -> np.ndarray:
+        """Merge the [B, blocks, kp] candidate lists in workspace buffer `src` down to one sorted list per
+        query (host [B, kp])."""
+        level = 0
         while blocks > 1:
             c = blocks * kp
             span = max(self.items_per_block or max(8 * kp, 4 * self.buffer), 2 * kp, math.ceil(c / _MAX_GRID_Y))
             nxt = math.ceil(c / span)
-            out = cuda.device_array((b, nxt, kp), dtype=np.uint64)
-            _keys_kernel[(b, nxt), self.threads](cand.reshape(b, c), c, span, kth, kp, self.buffer, out)
-            cand, blocks = out, nxt
-        return cand.reshape(b, kp).copy_to_host()
+            dst = f"reduce{level % 2}"  # never the level's input
+            out = self._work.buffer(dst, (b, nxt, kp), np.uint64)
+            _keys_kernel[(b, nxt), self.threads](
+                self._work.buffer(src, (b, c), np.uint64), c, span, kth, kp, self.buffer, out
+            )
+            src, blocks, level = dst, nxt, level + 1
+        return self._work.buffer(src, (b, kp), np.uint64).copy_to_host()
