@@ -35,6 +35,7 @@ from streamrec.engine.engine import Engine
 from streamrec.engine.seeding import seed_engine
 from streamrec.server.process import ServerProcess
 
+WARMUP_S = 1
 SCENARIOS = [  # (name, loadtest args, floor it is compared with)
     ("ping", ["--scenario", "ping"], None),
     ("recommend", ["--scenario", "recommend", "--rerank", "off"], "ping"),
@@ -46,6 +47,15 @@ SCENARIOS = [  # (name, loadtest args, floor it is compared with)
 ]
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0-1,3' -> {0, 1, 3}"""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def build_synthetic(data_dir: Path, n_items: int, dim: int) -> None:
     store = data_dir / STORE_FOLDER
     with Engine(store, EngineConfig(dim=dim)) as engine:
@@ -55,7 +65,7 @@ def build_synthetic(data_dir: Path, n_items: int, dim: int) -> None:
 def loadtest(address: str, args: list[str], seconds: float, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, "-m", "streamrec.clients.loadtest", "--address", address, "--duration", str(seconds),
-               "--warmup", "1", "--progress", "none", "--json", out.name, *args, *extra]
+               "--warmup", str(WARMUP_S), "--progress", "none", "--json", out.name, *args, *extra]
         subprocess.run(cmd, check=True, capture_output=True, timeout=seconds * 4 + 120)
         return json.loads(Path(out.name).read_text())
 
@@ -83,16 +93,24 @@ def event_to_visible(address: str, trials: int) -> dict:
     return {"p50_ms": float(np.percentile(samples, 50)), "p99_ms": float(np.percentile(samples, 99)), "trials": trials}
 
 
-def measure(name: str, address: str, seconds: float, concurrency: int, processes: int) -> list[dict]:
+def measure(name: str, server: ServerProcess, seconds: float, concurrency: int, processes: int) -> list[dict]:
     records = []
+    address = server.address
     loaded = ["--concurrency", str(concurrency), "--processes", str(processes), "--streams", "4"]
     results: dict[str, dict] = {}
     for scenario, args, floor in SCENARIOS:
+        cpu_before = server.cpu_seconds()
         peak = summary(loadtest(address, args, seconds, loaded))
+        # Server CPU per message over the whole loadtest run (its 1 s warm-up included, counted at the
+        # measured rate): a figure the load generator's own CPU use cannot distort.
+        messages = peak["throughput"] * (seconds + WARMUP_S)
+        cpu_us = (server.cpu_seconds() - cpu_before) / messages * 1e6 if messages else None
         record = {"dataset": name, "scenario": scenario, "max_rps": peak["throughput"], "floor": floor,
-                  "events_per_s": peak["events_per_s"], "errors": peak["errors"]}
+                  "events_per_s": peak["events_per_s"], "errors": peak["errors"], "server_cpu_us_per_msg": cpu_us}
         if floor and results.get(floor, {}).get("max_rps"):
             record["ratio_to_floor"] = peak["throughput"] / results[floor]["max_rps"]
+            if cpu_us and results[floor].get("server_cpu_us_per_msg"):
+                record["cpu_ratio_to_floor"] = results[floor]["server_cpu_us_per_msg"] / cpu_us
         for share in (0.5, 0.9):
             rate = max(1.0, peak["throughput"] * share)
             at = summary(loadtest(address, args, seconds, ["--rate", f"{rate:.0f}", "--processes", str(processes), "--streams", "4"]))
@@ -108,7 +126,8 @@ def measure(name: str, address: str, seconds: float, concurrency: int, processes
 def format_row(r: dict) -> str:
     ratio = f"{r['ratio_to_floor']:.2f}x {r['floor']}" if r.get("ratio_to_floor") else ""
     events = f"{r['events_per_s']:,.0f} ev/s" if r.get("events_per_s") else ""
-    return (f"{r['dataset']:<14} {r['scenario']:<18} {r['max_rps']:>9,.0f} rps {ratio:<20} {events:<14} "
+    cpu = f"{r['server_cpu_us_per_msg']:,.0f} us/msg" if r.get("server_cpu_us_per_msg") else ""
+    return (f"{r['dataset']:<14} {r['scenario']:<18} {r['max_rps']:>9,.0f} rps {ratio:<20} {events:<14} {cpu:<13} "
             f"p50/p99 @50% {r['p50_ms@50%']:.2f}/{r['p99_ms@50%']:.2f} ms  @90% {r['p50_ms@90%']:.2f}/{r['p99_ms@90%']:.2f} ms"
             f"  errors {r['errors']}")
 
@@ -120,8 +139,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--processes", type=int, default=2, help="load-test client processes")
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--server-cpus", type=cpu_list, help="pin the server to these CPUs, e.g. 0 or 0-1")
+    parser.add_argument("--client-cpus", type=cpu_list, help="pin this script and the load tester to these CPUs")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # the load tester's processes inherit it
     seconds = 2.0 if args.quick else args.seconds
     records, visible = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,9 +153,9 @@ def main() -> int:
             data_dir = Path(tmp) / name
             if dataset == "none":
                 build_synthetic(data_dir, args.items if not args.quick else 10_000, 64)
-            server = ServerProcess(data_dir, dataset=dataset, dim=64).start(timeout_s=300)
+            server = ServerProcess(data_dir, dataset=dataset, dim=64, cpus=args.server_cpus).start(timeout_s=300)
             try:
-                records += measure(name, server.address, seconds, args.concurrency, args.processes)
+                records += measure(name, server, seconds, args.concurrency, args.processes)
                 visible[name] = event_to_visible(server.address, 50 if args.quick else 300)
                 print(f"{name:<14} event -> visible in Recommend: p50 {visible[name]['p50_ms']:.2f} ms, "
                       f"p99 {visible[name]['p99_ms']:.2f} ms", flush=True)
@@ -141,7 +164,9 @@ def main() -> int:
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": " ".join(sys.argv), "machine": platform.platform(), "cpus": os.cpu_count(),
-                "python": platform.python_version()}
+                "python": platform.python_version(),
+                "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
+                "client_cpus": sorted(args.client_cpus) if args.client_cpus else None}
         Path(args.json_path).write_text(json.dumps({"meta": meta, "records": records, "event_to_visible": visible}, indent=1))
     return 0
 

@@ -91,17 +91,46 @@ def split_events(events: list[Event], limits: Limits) -> tuple[list[tuple[int, E
     if len(events) > limits.max_events_per_batch:
         raise InvalidArgument("events", f"at most {limits.max_events_per_batch} events per batch, got {len(events)}")
     now_ms = int(time.time() * 1000)
+    for event in events:
+        if event.timestamp_ms == 0:
+            event.timestamp_ms = now_ms  # stored in the log, so replay sees the same time
+    if _all_acceptable(events, limits, now_ms):
+        return list(enumerate(events)), []
     good: list[tuple[int, Event]] = []
     rejected: list[Rejection] = []
     for index, event in enumerate(events):
-        if event.timestamp_ms == 0:
-            event.timestamp_ms = now_ms  # stored in the log, so replay sees the same time
         problem = event_problem(event, limits, now_ms)
         if problem:
             rejected.append(Rejection(index, event.event_id, *problem))
         else:
             good.append((index, event))
     return good, rejected
+
+
+def _all_acceptable(events: list[Event], limits: Limits, now_ms: int) -> bool:
+    """True only if event_problem finds nothing in any event: the same rules, checked a batch at a time
+    (a few C-level passes instead of ~4 us of Python per event). False sends the batch to the per-event
+    path, which says what is wrong and where; non-ASCII ids always take it."""
+    if not events:
+        return True
+    ids = [e.event_id for e in events] + [e.user_id for e in events] + [e.item_id for e in events]
+    joined = "".join(ids)
+    if not joined.isascii() or _CONTROL_CHARACTER.search(joined):
+        return False
+    lengths = list(map(len, ids))
+    if min(lengths) == 0 or max(lengths) > limits.max_id_bytes:
+        return False
+    types = [int(e.type) for e in events]
+    if not _VALID_TYPES.issuperset(types):
+        return False
+    values = np.fromiter([e.value for e in events], np.float64, len(events))
+    if not np.all(np.abs(values) <= _FLOAT32_MAX):  # NaN fails every comparison; inf exceeds the bound
+        return False
+    is_rating = np.fromiter(types, np.int64, len(types)) == int(EventType.RATING)
+    if is_rating.any() and not np.all((values[is_rating] >= 0.0) & (values[is_rating] <= 5.0)):
+        return False
+    stamps = [e.timestamp_ms for e in events]
+    return min(stamps) >= limits.min_timestamp_ms and max(stamps) <= now_ms + limits.max_future_ms
 
 
 def check_item_spec(index: int, spec: ItemSpec, dim: int, limits: Limits) -> None:

@@ -19,8 +19,10 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, data_dir: Path, dataset: str = "synthetic", dim: int = 16, port: int | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), cpus: set[int] | None = None):
+        """cpus: pin the server to these CPUs (benchmarks keep it apart from the load generator)."""
         self.data_dir, self.dataset, self.dim, self.extra_args = Path(data_dir), dataset, dim, tuple(extra_args)
+        self.cpus = set(cpus) if cpus else None
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -30,7 +32,13 @@ class ServerProcess:
         args = [sys.executable, "-m", "streamrec.server.cli", "serve", "--port", str(self.port), "--data-dir",
                 str(self.data_dir), "--dataset", self.dataset, "--dim", str(self.dim), *self.extra_args]
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+        pin = None
+        if self.cpus:
+            env["NUMBA_NUM_THREADS"] = str(len(self.cpus))  # Numba sizes its pool by the machine, not the mask
+            cpus = self.cpus
+            pin = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731  before exec, so every thread inherits it
+        self.proc = subprocess.Popen(args, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=pin)
         with StreamrecClient(self.address) as client:
             try:
                 client.wait_until_serving(timeout_s)
@@ -38,6 +46,12 @@ class ServerProcess:
                 self.kill()
                 raise RuntimeError(f"server did not start; log:\n{self.log_path.read_text()[-3000:]}") from None
         return self
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
