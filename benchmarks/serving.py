@@ -75,7 +75,8 @@ def summary(report: dict) -> dict:
     events = report.get("events") or {}
     accepted_per_s = events.get("accepted", 0) / report["duration_s"] if events.get("accepted") else None
     return {"throughput": report["throughput_rps"], "p50_ms": latency.get("p50"), "p99_ms": latency.get("p99"),
-            "errors": report.get("errors", 0), "events_per_s": accepted_per_s}
+            "errors": report.get("errors", 0), "errors_by_code": report.get("errors_by_code", {}),
+            "events_per_s": accepted_per_s}
 
 
 def event_to_visible(address: str, trials: int) -> dict:
@@ -106,7 +107,8 @@ def measure(name: str, server: ServerProcess, seconds: float, concurrency: int, 
         messages = peak["throughput"] * (seconds + WARMUP_S)
         cpu_us = (server.cpu_seconds() - cpu_before) / messages * 1e6 if messages else None
         record = {"dataset": name, "scenario": scenario, "max_rps": peak["throughput"], "floor": floor,
-                  "events_per_s": peak["events_per_s"], "errors": peak["errors"], "server_cpu_us_per_msg": cpu_us}
+                  "events_per_s": peak["events_per_s"], "errors": peak["errors"], "server_cpu_us_per_msg": cpu_us,
+                  "errors_by_code": {"max": peak["errors_by_code"]}}
         if floor and results.get(floor, {}).get("max_rps"):
             record["ratio_to_floor"] = peak["throughput"] / results[floor]["max_rps"]
             if cpu_us and results[floor].get("server_cpu_us_per_msg"):
@@ -117,6 +119,7 @@ def measure(name: str, server: ServerProcess, seconds: float, concurrency: int, 
             record[f"p50_ms@{int(share * 100)}%"] = at["p50_ms"]
             record[f"p99_ms@{int(share * 100)}%"] = at["p99_ms"]
             record["errors"] += at["errors"]
+            record["errors_by_code"][f"{int(share * 100)}%"] = at["errors_by_code"]
         results[scenario] = record
         records.append(record)
         print(format_row(record), flush=True)
