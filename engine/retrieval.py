@@ -14,6 +14,8 @@ from .topk import Filters, TopKBackend
 
 log = logging.getLogger(__name__)
 
+_NO_ROWS = np.zeros(0, np.int64)
+
 
 @dataclass
 class RecommendQuery:
@@ -48,7 +50,7 @@ class _Prepared:
     live: np.ndarray
     category_bits: np.ndarray
     queries: list[np.ndarray | None]
-    excluded: list[list[int]]
+    excluded: list[np.ndarray]  # int64 item rows per query (may be shared with caches: never modified)
     include: np.ndarray
     exclude: np.ndarray
 
@@ -83,41 +85,47 @@ class Retriever:
                                          items.take_device_changes())
             return self._resident(queries, k, filters, self._device_matrix)
 
-    def _prepare(self, queries: list[RecommendQuery], vectors_for: list[np.ndarray | None] | None = None) -> _Prepared:
+    def _prepare(self, queries: list[RecommendQuery], vectors_for: list[np.ndarray] | None = None) -> _Prepared:
         items, users = self.state.items, self.state.users
-        n = len(items)
-        words = items.words
-        include = np.zeros((len(queries), words), np.uint64)
-        exclude = np.zeros((len(queries), words), np.uint64)
-        query_vectors: list[np.ndarray | None] = []
-        excluded: list[list[int]] = []
-        for q_index, query in enumerate(queries):
-            row = users.row_of(query.user_id)
-            rows: list[int] = []
-            if vectors_for is not None:
-                query_vectors.append(vectors_for[q_index])
-            else:
-                query_vectors.append(users.query_vector(row) if row is not None else None)
+        n, b = len(items), len(queries)
+        include = np.zeros((b, items.words), np.uint64)
+        exclude = np.zeros((b, items.words), np.uint64)
+        user_rows = [users.row_of(query.user_id) for query in queries]
+        if vectors_for is not None:
+            query_vectors: list[np.ndarray | None] = list(vectors_for)
+        else:
+            known = [i for i, row in enumerate(user_rows) if row is not None]
+            query_vectors = [None] * b
+            if known:
+                vectors, usable = users.query_vectors(np.array([user_rows[i] for i in known], np.int64))
+                for j, i in enumerate(known):
+                    if usable[j]:
+                        query_vectors[i] = vectors[j]
+        excluded: list[np.ndarray] = []
+        for q_index, (query, row) in enumerate(zip(queries, user_rows)):
+            parts = []
             if row is not None and query.exclude_seen:
-                rows.extend(users.seen[row])
-            rows.extend(r for r in (items.row_of(i) for i in query.exclude_item_ids) if r is not None)
-            excluded.append(rows)
-            include[q_index] = items.category_mask(query.include_categories)
-            exclude[q_index] = items.category_mask(query.exclude_categories)
-            if query.include_categories and not include[q_index].any():
-                # Every requested category is unknown: nothing can match. An impossible bit pattern
-                # would need an extra word, so mark it by excluding all live rows instead.
-                rows.extend(np.flatnonzero(items.live[:n]).tolist())
+                parts.append(users.seen_rows(row))
+            if query.exclude_item_ids:
+                parts.append(np.array([r for r in map(items.row_of, query.exclude_item_ids) if r is not None], np.int64))
+            if query.include_categories:
+                include[q_index] = items.category_mask(query.include_categories)
+                if not include[q_index].any():
+                    # Every requested category is unknown: nothing can match. An impossible bit pattern
+                    # would need an extra word, so mark it by excluding all live rows instead.
+                    parts.append(np.flatnonzero(items.live[:n]))
+            if query.exclude_categories:
+                exclude[q_index] = items.category_mask(query.exclude_categories)
+            excluded.append(parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS)
         return _Prepared(items.vectors[:n], items.live[:n].copy(), items.category_bits[:n], query_vectors, excluded, include, exclude)
 
     def _filters(self, prepared: _Prepared, picks: list[int]) -> Filters:
-        counts = [len(prepared.excluded[p]) for p in picks]
+        lists = [prepared.excluded[p] for p in picks]
         indptr = np.zeros(len(picks) + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        rows = np.fromiter((r for p in picks for r in prepared.excluded[p]), np.int64, int(indptr[-1]))
+        np.cumsum([len(rows) for rows in lists], out=indptr[1:])
         return Filters(
-            valid=prepared.live, exclude_indptr=indptr, exclude_rows=rows, item_cats=prepared.category_bits,
-            include_cats=prepared.include[picks], exclude_cats=prepared.exclude[picks],
+            valid=prepared.live, exclude_indptr=indptr, exclude_rows=np.concatenate(lists) if lists else _NO_ROWS,
+            item_cats=prepared.category_bits, include_cats=prepared.include[picks], exclude_cats=prepared.exclude[picks],
         )
 
     def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
@@ -158,7 +166,7 @@ class Retriever:
         with self.lock:
             vector = self.state.items.vectors[item_row].copy()
             prepared = self._prepare([query], vectors_for=[vector])
-            prepared.excluded[0].append(item_row)
+            prepared.excluded[0] = np.append(prepared.excluded[0], np.int64(item_row))
         return self._search([query], prepared, None)[0]
 
     def _search(self, queries: list[RecommendQuery], prepared: _Prepared, popularity: np.ndarray | None,
@@ -203,10 +211,13 @@ class Retriever:
         )
 
     def _result(self, query: RecommendQuery, rows: np.ndarray, scores: np.ndarray, strategy: str) -> Recommendation:
-        keep = rows[: query.k] >= 0
-        rows, scores = rows[: query.k][keep], scores[: query.k][keep]
+        found = rows[: query.k].tolist()
+        while found and found[-1] < 0:  # backends pad missing places at the end
+            found.pop()
         items = self.state.items
+        ids, categories = items.ids, items.categories
+        # An item's category list is replaced, never changed in place, on update: safe to share.
         return Recommendation(
-            request_id=query.request_id, user_id=query.user_id, item_ids=[items.ids[r] for r in rows],
-            scores=scores.astype(np.float32), categories=[list(items.categories[r]) for r in rows], strategy=strategy,
+            request_id=query.request_id, user_id=query.user_id, item_ids=[ids[r] for r in found],
+            scores=scores[: len(found)].astype(np.float32), categories=[categories[r] for r in found], strategy=strategy,
         )

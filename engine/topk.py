@@ -110,7 +110,7 @@ class Filters:
         if self.exclude_indptr.ndim != 1 or len(self.exclude_indptr) < 1:
             raise ValueError(f"exclude_indptr must be 1-D [B+1], got shape {self.exclude_indptr.shape}")
         ip = self.exclude_indptr
-        if ip[0] != 0 or ip[-1] != len(self.exclude_rows) or np.any(np.diff(ip) < 0):
+        if ip[0] != 0 or ip[-1] != len(self.exclude_rows) or (ip[1:] < ip[:-1]).any():
             raise ValueError("exclude_indptr must start at 0, be non-decreasing and end at len(exclude_rows)")
         if self.exclude_rows.ndim != 1:
             raise ValueError(f"exclude_rows must be 1-D, got shape {self.exclude_rows.shape}")

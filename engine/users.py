@@ -9,6 +9,7 @@ import numpy as np
 
 from .catalog import _grow
 
+_SEEN_CACHE_USERS = 100_000  # users whose seen rows are kept as arrays between requests
 HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
 
 
@@ -29,6 +30,9 @@ class UserTable:
         self.hist_ts = np.zeros((0, history_len), np.int64)
         self.hist_count = np.zeros(0, np.int64)
         self.seen: list[set[int]] = []
+        # row -> (the seen set it was made from, its rows as a sorted int64 array): filters take arrays, and
+        # a set only grows or is replaced, so same object and same size means still current.
+        self._seen_arrays: dict[int, tuple[set[int], np.ndarray]] = {}
         self.history: list[deque] = []
         self.dirty: set[str] = set()
         self.forgotten: set[str] = set()
@@ -116,11 +120,27 @@ class UserTable:
 
     def query_vector(self, row: int) -> np.ndarray | None:
         """Unit query vector, or None when the user has expressed no positive interest yet."""
-        if self.positive_counts[row] == 0:
-            return None
-        vector = self.accumulators[row].astype(np.float64)
-        norm = np.linalg.norm(vector)
-        return (vector / norm).astype(np.float32) if norm > 1e-12 else None
+        vectors, usable = self.query_vectors(np.array([row]))
+        return vectors[0] if usable[0] else None
+
+    def query_vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit query vectors float32 [len(rows), d], usable bool [len(rows)]) for a batch of rows; a row
+        is unusable (its vector meaningless) while the user has expressed no positive interest."""
+        vectors = self.accumulators[rows].astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+        usable = (self.positive_counts[rows] > 0) & (norms > 1e-12)
+        return (vectors / np.where(usable, norms, 1.0)[:, None]).astype(np.float32), usable
+
+    def seen_rows(self, row: int) -> np.ndarray:
+        """The user's seen item rows, sorted, as an int64 array (cached: do not modify it)."""
+        seen = self.seen[row]
+        cached = self._seen_arrays.get(row)
+        if cached is None or cached[0] is not seen or cached[1].size != len(seen):
+            if len(self._seen_arrays) >= _SEEN_CACHE_USERS:
+                self._seen_arrays.clear()  # bounded memory; the users asked for next are cached again
+            cached = (seen, np.sort(np.fromiter(seen, np.int64, len(seen))))
+            self._seen_arrays[row] = cached
+        return cached[1]
 
     def history_array(self, row: int) -> np.ndarray:
         return np.array(list(self.history[row]), dtype=HISTORY_DTYPE)

@@ -541,6 +541,35 @@ def _split_excludes_parallel(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, 
         _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, nb * c // chunks, nb * (c + 1) // chunks)
 
 
+@njit(nogil=True, cache=True)
+def _plan_excludes(ptr, rows, n, include_cats, exclude_cats, split):
+    """_Prepared's arrays in one call (a dozen small NumPy calls cost more than the work on small batches):
+    bitmap_of, bitmaps, ex_ptr, ex_rows, has_inc, has_exc; the excludes are split in too when `split`."""
+    b = ptr.size - 1
+    min_bitmap = max(_MIN_BITMAP_ROWS, n // 512)
+    bitmap_of = np.full(b, -1, dtype=np.int64)
+    ex_ptr = np.zeros(b + 1, dtype=np.int64)
+    long = 0
+    for q in range(b):
+        length = ptr[q + 1] - ptr[q]
+        if length >= min_bitmap:
+            bitmap_of[q] = long
+            long += 1
+            length = 0
+        ex_ptr[q + 1] = ex_ptr[q] + length
+    bitmaps = np.zeros((long, (n + 63) // 64), dtype=np.uint64)
+    ex_rows = np.empty(ex_ptr[b], dtype=np.int64)
+    if split:
+        _split_excludes(ptr, rows, n, bitmap_of, bitmaps, ex_ptr, ex_rows, 0, b)
+    has_inc = np.zeros(b, dtype=np.bool_)
+    has_exc = np.zeros(b, dtype=np.bool_)
+    for q in range(b):
+        for w in range(include_cats.shape[1]):
+            has_inc[q] |= include_cats[q, w] != 0
+            has_exc[q] |= exclude_cats[q, w] != 0
+    return bitmap_of, bitmaps, ex_ptr, ex_rows, has_inc, has_exc
+
+
 class _Prepared:
     """Filter arrays in the form the kernels take, built once per call in one pass over the excludes.
 
@@ -552,25 +581,14 @@ class _Prepared:
     """
 
     def __init__(self, filters: Filters) -> None:
-        b, n = filters.num_queries, filters.num_items
         ptr, rows = filters.exclude_indptr, filters.exclude_rows
-        lengths = np.diff(ptr)
-        long = np.flatnonzero(lengths >= max(_MIN_BITMAP_ROWS, n // 512))
-        self.bitmap_of = np.full(b, -1, dtype=np.int64)
-        self.bitmap_of[long] = np.arange(long.size)
-        self.bitmaps = np.zeros((long.size, (n + 63) // 64), dtype=np.uint64)
-        lengths[long] = 0
-        self.ex_ptr = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.ex_ptr[1:])
-        self.ex_rows = np.empty(self.ex_ptr[-1], dtype=np.int64)
-        args = (ptr, rows, n, self.bitmap_of, self.bitmaps, self.ex_ptr, self.ex_rows)
-        if rows.size >= _PARALLEL_PREP_ROWS:
-            _split_excludes_parallel(*args, min(b, 4 * numba.get_num_threads()))
-        else:
-            _split_excludes(*args, 0, b)
-        cats = filters.words > 0
-        self.has_inc = filters.include_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
-        self.has_exc = filters.exclude_cats.any(axis=1) if cats else np.zeros(b, np.bool_)
+        parallel = rows.size >= _PARALLEL_PREP_ROWS
+        (self.bitmap_of, self.bitmaps, self.ex_ptr, self.ex_rows, self.has_inc,
+         self.has_exc) = _plan_excludes(ptr, rows, filters.num_items, filters.include_cats, filters.exclude_cats,
+                                        not parallel)
+        if parallel:
+            _split_excludes_parallel(ptr, rows, filters.num_items, self.bitmap_of, self.bitmaps, self.ex_ptr,
+                                     self.ex_rows, min(filters.num_queries, 4 * numba.get_num_threads()))
         self.filters = filters
 
     def kernel_args(self) -> tuple:
@@ -593,15 +611,53 @@ def _merge(heaps: np.ndarray, out_rows: np.ndarray, out_scores: np.ndarray) -> N
     out_scores[:, : keys.shape[1]] = np.where(kept, bits.view(np.float32), -np.inf)
 
 
-def _margins(queries: np.ndarray) -> np.ndarray:
+@njit(nogil=True, cache=True)
+def _merge_serial(heaps, out_rows, out_scores):
+    """_merge in one compiled call, for the small heaps of single-part searches."""
+    k = out_rows.shape[1]
+    for q in range(heaps.shape[0]):
+        keys = np.sort(heaps[q].ravel())
+        for j in range(min(k, keys.size)):
+            if keys[j] == _EMPTY:
+                break
+            out_rows[q, j] = np.int64(keys[j] & _LOW32)
+            out_scores[q, j] = _key_score(keys[j])
+
+
+@njit(nogil=True, cache=True)
+def _margins(queries):
     """Gate slack per query: a bound on |float32 dot - exact| for item norms <= 2.
 
     Any float32 summation of d products errs by at most ~d * 2**-24 * sum|q_j x_j| <= d * 2**-24 |q| |x|.
     Items with larger norms stay correct up to near-ties (a row within ~1e-5 of the k-th may be missed).
     """
-    d = queries.shape[1]
-    norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-    return ((d + 16) * 2.0**-23 * norms).astype(np.float32)
+    b, d = queries.shape
+    out = np.empty(b, dtype=np.float32)
+    for q in range(b):
+        s = 0.0
+        for j in range(d):
+            s += np.float64(queries[q, j]) * np.float64(queries[q, j])
+        out[q] = np.float32((d + 16) * 2.0**-23 * np.sqrt(s))
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _search_serial(queries, items, keff, bcast_min_batch, query_block, flt, out_rows, out_scores):
+    """search() for work too small for a parallel region, in one compiled call: per query block, one part
+    over all rows with the tile shape the block's size calls for, then the merge."""
+    b, d = queries.shape
+    n = items.shape[0]
+    margins = _margins(queries)
+    for q0 in range(0, b, query_block):
+        nq = min(b, q0 + query_block) - q0
+        heaps = np.full((nq, 1, keff), _EMPTY, dtype=np.uint64)
+        if nq < bcast_min_batch:
+            _sum_part(queries, q0, items, 0, n, 0, heaps, margins, flt)
+        else:
+            qt = np.zeros((d, (nq + 7) // 8 * 8), dtype=np.float32)
+            qt[:, :nq] = queries[q0:q0 + nq].T
+            _bcast_part(qt, q0, queries, items, 0, n, 0, heaps, margins, flt)
+        _merge_serial(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
 
 
 class NumbaTopK:
@@ -654,8 +710,15 @@ class NumbaTopK:
         if b == 0 or n == 0:
             return out_rows, out_scores
         _check_rows(n)
-        prep, margins, keff = _Prepared(filters), _margins(queries), min(k, n)
+        prep, keff = _Prepared(filters), min(k, n)
         fused = self.fused_max_batch is None or b <= self.fused_max_batch
+        first_block = min(b, self.query_block)
+        if fused and self._parts(n, 1, keff, n * queries.shape[1] * max(first_block, 4)) == 1:
+            # Later blocks are no bigger than the first, so every block runs as one part.
+            _search_serial(queries, items, keff, self.bcast_min_batch, self.query_block, prep.kernel_args(),
+                           out_rows, out_scores)
+            return out_rows, out_scores
+        margins = _margins(queries)
         for q0 in range(0, b, self.query_block):
             nq = min(b, q0 + self.query_block) - q0
             parts = self._parts(n, 1, keff, n * queries.shape[1] * max(nq, 4))
