@@ -51,10 +51,11 @@ def served_by(engine: Engine) -> common_pb2.ServedBy:
 
 
 def scored_items(result: Recommendation) -> list[common_pb2.ScoredItem]:
-    retrieval = result.scores if result.retrieval_scores is None else result.retrieval_scores
+    scores = result.scores.tolist()  # Python floats: converting numpy scalars one by one costs more
+    retrieval = scores if result.retrieval_scores is None else result.retrieval_scores.tolist()
     return [
-        common_pb2.ScoredItem(item_id=i, score=float(s), retrieval_score=float(r), categories=c)
-        for i, s, r, c in zip(result.item_ids, result.scores, retrieval, result.categories)
+        common_pb2.ScoredItem(item_id=i, score=s, retrieval_score=r, categories=c)
+        for i, s, r, c in zip(result.item_ids, scores, retrieval, result.categories)
     ]
 
 
