@@ -86,6 +86,11 @@ def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] 
     return None
 
 
+# Below this many events the per-event checks are cheaper than the batch check's fixed NumPy cost
+# (1 event: 1.6 vs 12.7 us; even at ~16; 100 events: 128 vs 62 us).
+_BATCH_CHECK_MIN_EVENTS = 16
+
+
 def split_events(events: list[Event], limits: Limits) -> tuple[list[tuple[int, Event]], list[Rejection]]:
     """Separate well-formed events (with their batch index) from rejected ones; fill absent timestamps."""
     if len(events) > limits.max_events_per_batch:
@@ -94,7 +99,7 @@ def split_events(events: list[Event], limits: Limits) -> tuple[list[tuple[int, E
     for event in events:
         if event.timestamp_ms == 0:
             event.timestamp_ms = now_ms  # stored in the log, so replay sees the same time
-    if _all_acceptable(events, limits, now_ms):
+    if len(events) >= _BATCH_CHECK_MIN_EVENTS and _all_acceptable(events, limits, now_ms):
         return list(enumerate(events)), []
     good: list[tuple[int, Event]] = []
     rejected: list[Rejection] = []
