@@ -19,6 +19,10 @@ then the filters are checked (valid, category bits, the query's excludes as a bi
 and the score is recomputed as float32(float64 dot), the reference's definition. So the scores returned
 are exact and bit-identical for duplicated rows whatever tile, path or batch produced them, and filters
 cost nothing for rows that never reach the gate. Parts' heaps are merged with one sort per query.
+
+Small searches (too little work for a parallel region: a served batch on a small catalog) run as one
+compiled call from filter plan to merged result, since a dozen NumPy calls around the kernel cost more
+than the kernel there (ML-100K, B=1: 117 -> 38 us; benchmarks/retrieval.py).
 """
 from __future__ import annotations
 
