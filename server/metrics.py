@@ -22,6 +22,8 @@ class Metrics(EngineObserver):
         self.batch_size = Histogram("streamrec_recommend_batch_size", "Requests per top-k kernel call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.events_counter = Counter("streamrec_events", "Ingested events by outcome", ["outcome"], registry=r)
+        # Children looked up once: events() runs for every event message, and labels() costs a locked lookup.
+        self._events_by_outcome = {o: self.events_counter.labels(o) for o in ("accepted", "duplicate", "rejected")}
         self.commit_latency = Histogram("streamrec_wal_commit_seconds", "Group-commit LMDB transaction time",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.commit_records = Counter("streamrec_wal_records", "Records written to the event log", registry=r)
@@ -45,9 +47,9 @@ class Metrics(EngineObserver):
         self.batch_size.observe(size)
 
     def events(self, accepted: int, duplicates: int, rejected: int) -> None:
-        self.events_counter.labels("accepted").inc(accepted)
-        self.events_counter.labels("duplicate").inc(duplicates)
-        self.events_counter.labels("rejected").inc(rejected)
+        for outcome, count in (("accepted", accepted), ("duplicate", duplicates), ("rejected", rejected)):
+            if count:
+                self._events_by_outcome[outcome].inc(count)
 
     def track_engine(self, engine) -> None:
         """Gauges read at scrape time, so they are never stale and cost nothing between scrapes."""
