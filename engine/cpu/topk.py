@@ -334,9 +334,11 @@ def _dot32(q, x):
     return s
 
 
-@njit(nogil=True, cache=True)
+@njit(inline="always", nogil=True, cache=True)
 def _offer(heap, b, r, score, rescore, queries, items, margin, gate, flt):
-    """Row r reached query b's gate: filter, (re)score exactly, keep if it beats the root; -> new gate."""
+    """Row r reached query b's gate: filter, (re)score exactly, keep if it beats the root; -> new gate.
+    Inlined (at Numba IR level; no caller is fast-math): as a call, passing the ten filter arrays cost
+    more than the work (ML-100K, B = 32: 630 -> 515 us per search). _dot64 stays a call, see there."""
     if not _allowed(b, r, flt):
         return gate
     if rescore:
