@@ -179,16 +179,18 @@ class Retriever:
             matrix = np.stack([prepared.queries[i] for i in personal]).astype(np.float32)
             rows, scores = self._search_vectors(matrix, prepared.vectors, k, self._filters(prepared, personal))
             reranked = self._rerank(plan, queries, personal, rows, scores) if plan is not None else {}
+            row_lists = rows.tolist()  # one conversion for the batch, not one per query
             for j, i in enumerate(personal):
                 if i in reranked:
                     results[i] = self._reranked_result(queries[i], *reranked[i], plan.model.version)
                 else:
-                    results[i] = self._result(queries[i], rows[j], scores[j], "personalized")
+                    results[i] = self._result(queries[i], row_lists[j], scores[j], "personalized")
         if popular:
             k = max(queries[i].k for i in popular)
             rows, scores = self.backend.rank_scores(popularity, k, self._filters(prepared, popular))
+            row_lists = rows.tolist()
             for j, i in enumerate(popular):
-                results[i] = self._result(queries[i], rows[j], scores[j], "popular")
+                results[i] = self._result(queries[i], row_lists[j], scores[j], "popular")
         return results  # type: ignore[return-value]
 
     def _rerank(self, plan, queries: list[RecommendQuery], personal: list[int], rows: np.ndarray, scores: np.ndarray) -> dict:
@@ -210,8 +212,9 @@ class Retriever:
             strategy="personalized", retrieval_scores=retrieval_scores.astype(np.float32), reranker=version,
         )
 
-    def _result(self, query: RecommendQuery, rows: np.ndarray, scores: np.ndarray, strategy: str) -> Recommendation:
-        found = rows[: query.k].tolist()
+    def _result(self, query: RecommendQuery, rows: list[int], scores: np.ndarray, strategy: str) -> Recommendation:
+        """rows: the query's row of the backend's answer as a list; scores: its float32 row (a view is kept)."""
+        found = rows[: query.k]
         while found and found[-1] < 0:  # backends pad missing places at the end
             found.pop()
         items = self.state.items
@@ -219,5 +222,5 @@ class Retriever:
         # An item's category list is replaced, never changed in place, on update: safe to share.
         return Recommendation(
             request_id=query.request_id, user_id=query.user_id, item_ids=[ids[r] for r in found],
-            scores=scores[: len(found)].astype(np.float32), categories=[categories[r] for r in found], strategy=strategy,
+            scores=np.asarray(scores[: len(found)], np.float32), categories=[categories[r] for r in found], strategy=strategy,
         )
