@@ -9,7 +9,7 @@ import numpy as np
 
 from .catalog import _grow
 
-_SEEN_CACHE_USERS = 100_000  # users whose seen rows are kept as arrays between requests
+_SEEN_CACHE_ROWS = 8 << 20  # seen rows kept as arrays between requests, all users together (64 MiB)
 HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
 
 
@@ -33,6 +33,7 @@ class UserTable:
         # row -> (the seen set it was made from, its rows as a sorted int64 array): filters take arrays, and
         # a set only grows or is replaced, so same object and same size means still current.
         self._seen_arrays: dict[int, tuple[set[int], np.ndarray]] = {}
+        self._seen_cached_rows = 0
         self.history: list[deque] = []
         self.dirty: set[str] = set()
         self.forgotten: set[str] = set()
@@ -136,10 +137,15 @@ class UserTable:
         seen = self.seen[row]
         cached = self._seen_arrays.get(row)
         if cached is None or cached[0] is not seen or cached[1].size != len(seen):
-            if len(self._seen_arrays) >= _SEEN_CACHE_USERS:
+            if self._seen_cached_rows + len(seen) > _SEEN_CACHE_ROWS:
                 self._seen_arrays.clear()  # bounded memory; the users asked for next are cached again
+                self._seen_cached_rows = 0
+            stale = self._seen_arrays.get(row)
+            if stale is not None:
+                self._seen_cached_rows -= stale[1].size
             cached = (seen, np.sort(np.fromiter(seen, np.int64, len(seen))))
             self._seen_arrays[row] = cached
+            self._seen_cached_rows += len(seen)
         return cached[1]
 
     def history_array(self, row: int) -> np.ndarray:

@@ -39,14 +39,18 @@ def test_seen_rows_follow_the_seen_set_as_it_grows_and_is_replaced():
     assert reused == row and table.seen_rows(reused).size == 0
 
 
-def test_seen_row_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(users_module, "_SEEN_CACHE_USERS", 2)
+def test_seen_row_cache_is_bounded_by_rows_cached(monkeypatch):
+    monkeypatch.setattr(users_module, "_SEEN_CACHE_ROWS", 4)
     table = _table()
-    for user, item_row in (("a", 1), ("b", 2), ("c", 3)):
-        table.record(table.row_of(user), item_row, 0, 1.0, 1, True)
-        assert table.seen_rows(table.row_of(user)).tolist() == [item_row]
-    assert len(table._seen_arrays) <= 2
-    assert table.seen_rows(table.row_of("a")).tolist() == [1]  # evicted entries are rebuilt, not lost
+    for user, item_rows in (("a", [1, 2]), ("b", [3, 4]), ("c", [5, 6])):
+        for item_row in item_rows:
+            table.record(table.row_of(user), item_row, 0, 1.0, 1, True)
+        assert table.seen_rows(table.row_of(user)).tolist() == item_rows
+        assert sum(a.size for _, a in table._seen_arrays.values()) <= 4
+    table.record(table.row_of("c"), 7, 0, 1.0, 1, True)  # a refreshed entry replaces its old size in the count
+    assert table.seen_rows(table.row_of("c")).tolist() == [5, 6, 7]
+    assert sum(a.size for _, a in table._seen_arrays.values()) <= 4
+    assert table.seen_rows(table.row_of("a")).tolist() == [1, 2]  # evicted entries are rebuilt, not lost
 
 
 def test_query_vectors_are_unit_vectors_only_for_users_with_positive_interest():
