@@ -13,7 +13,13 @@ item_vectors   row (u32 BE)                            float32 little-endian vec
 item_rows      row (u32 BE)                            item_id utf-8 (keeps rows unique)
 users          user_id                                 packed UserRecord
 meta           str                                     bytes (last_seq, checkpoint_seq, anything)
+index_journal  first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
+                                                       merged into those trees (engine/index_journal.py)
 =============  ======================================  ==============================================
+
+``idem`` and ``user_log`` are therefore the trees plus the journal: a group commit appends its log records and
+ONE journal record, and the keys reach the trees later, many commits at a time (at checkpoints, before
+an erasure, or when more than ``_PENDING_INDEX_CAP`` are waiting). Both are durable from the commit on.
 
 Keys are the UTF-8 id, except that the empty id becomes ``b"\\xfe"`` and ids longer than LMDB's
 511-byte key limit become ``b"\\xff" + blake2b-256(id)``: neither byte occurs in UTF-8, so these
@@ -24,8 +30,9 @@ record with seq > checkpoint_seq()". Sequence numbers are never reused: ``meta["
 the high-water mark even when forget_user erases the newest records.
 
 Thread-safety contract: the engine calls every write method (append_log, write_checkpoint,
-forget_user, put_meta) from a single writer thread; reads (load_*, iter_log) happen at start-up.
-Concurrent readers are still safe: each read is its own LMDB read transaction, nothing is cached,
+forget_user, merge_index, put_meta) from a single writer thread, the only one that touches the journal's
+keys in memory; reads (load_*, iter_log) happen at start-up.
+Concurrent readers are still safe: each read is its own LMDB read transaction, no record is cached,
 and a gate keeps transactions out while the map is being resized (LMDB requires that no
 transaction of this process is open during ``set_mapsize``). Never share a Store across fork(),
 and open the folder from one process at a time (another process's map growth is not adopted).
@@ -47,7 +54,8 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from streamrec.engine import codec
+from streamrec.engine import codec, index_journal
+from streamrec.engine.index_journal import PendingIndex
 from streamrec.engine.types import Event
 
 logger = logging.getLogger(__name__)
@@ -71,7 +79,8 @@ _MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE, also the limit for dupsort valu
 _EMPTY_KEY = b"\xfe"
 _HASHED_KEY = b"\xff"
 
-_STORE_FORMAT = b"\x01"
+_STORE_FORMAT = b"\x02"  # 2 added index_journal (an older build would not see the keys waiting there)
+_UPGRADABLE_FORMATS = (b"\x01",)  # format 1 is format 2 with an empty journal
 _META_FORMAT = "store_format"
 _META_LAST_SEQ = "last_seq"
 _META_CHECKPOINT = "checkpoint_seq"
@@ -86,9 +95,13 @@ _DBS: dict[str, dict[str, bool]] = {
     "item_rows": {},
     "users": {},
     "meta": {},
+    "index_journal": {},
 }
 
 _ITER_CHUNK = 4096  # log records per read transaction in iter_log
+# Keys waiting in the journal before an append merges them itself (~300 bytes of memory each); checkpoints
+# (every 50k records by default) usually merge them first.
+_PENDING_INDEX_CAP = 200_000
 
 
 @dataclass
@@ -315,7 +328,7 @@ class Store:
         def open_dbs(txn: lmdb.Transaction) -> dict[str, object]:
             dbs = {name: self._env.open_db(name.encode(), txn=txn, **flags) for name, flags in _DBS.items()}
             fmt = txn.get(_META_FORMAT.encode(), db=dbs["meta"])
-            if fmt is None:
+            if fmt is None or fmt in _UPGRADABLE_FORMATS:
                 txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
             elif fmt != _STORE_FORMAT:
                 raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
@@ -334,7 +347,12 @@ class Store:
         self._item_rows = dbs["item_rows"]
         self._users = dbs["users"]
         self._meta = dbs["meta"]
+        self._journal = dbs["index_journal"]
         self._dbs = dbs
+        self._pending = PendingIndex()
+        with self._read() as txn:  # keys committed before a crash or close, not merged yet
+            for _, value in txn.cursor(db=self._journal).iternext():
+                self._pending.add_journal_value(value, _SEQ.pack)
 
     # --- lifecycle ---
 
@@ -427,27 +445,56 @@ class Store:
         user_keys = _keys(user_ids)
         payloads = list(payloads)
 
-        def fn(txn: lmdb.Transaction) -> list[int | None]:
+        def fn(txn: lmdb.Transaction) -> tuple[list[int | None], list[bytes], list, list]:
             start = self._last_seq_txn(txn)
             seqs = _assign_seqs(idem_keys, self._present_keys(txn, idem_keys), start)
             kept = range(len(seqs)) if None not in seqs else [k for k, seq in enumerate(seqs) if seq is not None]
             if not kept:
-                return seqs
+                return seqs, [], [], []
             seq_bytes = list(map(_SEQ.pack, range(start + 1, start + 1 + len(kept))))
+            kept_idem, kept_users = _pick(idem_keys, kept), _pick(user_keys, kept)
             _put_all(txn.cursor(db=self._log), list(zip(seq_bytes, _pick(payloads, kept))), append=True)
-            _put_all(txn.cursor(db=self._idem), _keyed_pairs(_pick(idem_keys, kept), seq_bytes))
-            _put_all(txn.cursor(db=self._user_log), _keyed_pairs(_pick(user_keys, kept), seq_bytes))
+            if any(kept_idem) or any(kept_users):
+                txn.put(seq_bytes[0], index_journal.encode(start + 1, kept_idem, kept_users), db=self._journal,
+                        append=True)
             txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._meta)
-            return seqs
+            return seqs, seq_bytes, kept_idem, kept_users
 
-        return self._write(fn)
+        seqs, seq_bytes, kept_idem, kept_users = self._write(fn)
+        self._pending.add(seq_bytes, kept_idem, kept_users)  # only once committed: fn may run twice
+        if len(self._pending) > _PENDING_INDEX_CAP:
+            self.merge_index()
+        return seqs
 
     def _present_keys(self, txn: lmdb.Transaction, keys: list[bytes | None]) -> set[bytes]:
-        """The keys among `keys` that the idempotency database already holds, in one getmulti."""
-        wanted = [k for k in keys if k is not None]
-        if not wanted:
-            return set()
-        return {key for key, _ in txn.cursor(db=self._idem).getmulti(wanted)}
+        """The keys among `keys` that are stored already: waiting in the journal, or in the tree (one getmulti)."""
+        pending = self._pending.idem
+        wanted = [k for k in keys if k is not None and k not in pending]
+        present = {k for k in keys if k in pending} if pending else set()
+        if wanted:
+            present.update(key for key, _ in txn.cursor(db=self._idem).getmulti(wanted))
+        return present
+
+    # --- secondary indexes ---
+
+    @property
+    def pending_index_entries(self) -> int:
+        """idem + user_log entries committed in the journal and not yet merged into their trees."""
+        return len(self._pending)
+
+    def merge_index(self) -> None:
+        """Merge the journal's keys into the idem and user_log trees now, in one transaction."""
+        if len(self._pending):
+            self._write(self._merge_pending)
+            self._pending.clear()
+
+    def _merge_pending(self, txn: lmdb.Transaction) -> None:
+        """Part of a write transaction; the caller clears `_pending` once it commits (fn may rerun)."""
+        if not len(self._pending):
+            return
+        _put_all(txn.cursor(db=self._idem), list(self._pending.idem.items()))
+        _put_all(txn.cursor(db=self._user_log), self._pending.user_pairs)
+        txn.drop(self._journal, delete=False)
 
     def iter_log(self, after_seq: int = 0) -> Iterator[tuple[int, bytes]]:
         """Yield (seq, payload) with seq > after_seq in seq order.
@@ -525,8 +572,10 @@ class Store:
             for key, value in packed_meta:
                 txn.put(key, value, db=self._meta)
             txn.put(_META_CHECKPOINT.encode(), _SEQ.pack(watermark), db=self._meta)
+            self._merge_pending(txn)  # a checkpoint is already a large transaction: one fsync for both
 
         self._write(fn)
+        self._pending.clear()
 
     def _put_item(
         self, txn: lmdb.Transaction, key: bytes, id_bytes: bytes, row: int, packed: bytes, vec: bytes | None
@@ -587,6 +636,7 @@ class Store:
         ukey = _key(user_id)
 
         def fn(txn: lmdb.Transaction) -> int:
+            self._merge_pending(txn)  # so the trees below hold every key of the user's records
             # Pin the high-water mark before erasing what may be the newest records.
             txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(self._last_seq_txn(txn)), db=self._meta)
             cur = txn.cursor(db=self._user_log)
@@ -612,7 +662,9 @@ class Store:
             txn.delete(ukey, db=self._users)
             return erased
 
-        return self._write(fn)
+        erased = self._write(fn)
+        self._pending.clear()
+        return erased
 
     # --- meta & stats ---
 
@@ -627,9 +679,12 @@ class Store:
         self._write(lambda txn: txn.put(k, v, db=self._meta))
 
     def stats(self) -> dict[str, int]:
-        """Entries per database, map_size, used_bytes (pages in use), last_seq, checkpoint_seq."""
+        """Entries per database, map_size, used_bytes (pages in use), last_seq, checkpoint_seq. idem and user_log
+        count their journal entries too (index_journal counts journal records, one per group commit)."""
         with self._read() as txn:
             out = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
+            out["idem"] += len(self._pending.idem)
+            out["user_log"] += len(self._pending.user_pairs)
             out["last_seq"] = self._last_seq_txn(txn)
             raw = txn.get(_META_CHECKPOINT.encode(), db=self._meta)
             out["checkpoint_seq"] = _SEQ.unpack(raw)[0] if raw is not None else 0

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from streamrec.engine import codec, store as store_mod
+from streamrec.engine import codec, index_journal, store as store_mod
 from streamrec.engine.codec import DeleteItem
 from streamrec.engine.store import HISTORY_DTYPE, ItemRecord, LogEntry, Store, UserRecord
 from streamrec.engine.types import Event, EventType, ItemSpec
@@ -397,6 +397,99 @@ def test_checkpoint_rejects_bad_input(store: Store) -> None:
         store.write_checkpoint([], [bad_hist], [], 1)
     # Nothing of the failed checkpoints was written.
     assert [r.item_id for r in store.load_items()] == ["item-0"] and store.load_users() == []
+
+
+# --- index journal ----------------------------------------------------------------------------
+
+journal_keys = st.none() | st.binary(min_size=1, max_size=511)
+
+
+@given(st.integers(1, 2**63), st.lists(st.tuples(journal_keys, journal_keys), max_size=50))
+def test_index_journal_roundtrip_property(first_seq: int, keys: list) -> None:
+    idem_keys, user_keys = [k for k, _ in keys], [u for _, u in keys]
+    assert index_journal.decode(index_journal.encode(first_seq, idem_keys, user_keys)) == (first_seq, idem_keys, user_keys)
+
+
+def test_index_journal_rejects_trailing_bytes() -> None:
+    with pytest.raises(ValueError, match="left over"):
+        index_journal.decode(index_journal.encode(1, [b"a"], [None]) + b"x")
+
+
+def _tree_entries(s: Store) -> dict[str, int]:
+    """Entries in the idem / user_log trees and the journal themselves (stats() adds the journal's keys)."""
+    with s._read() as txn:
+        return {name: txn.stat(s._dbs[name])["entries"] for name in ("idem", "user_log", "index_journal")}
+
+
+def test_index_keys_wait_in_the_journal_then_merge(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with Store(path) as s:
+        assert s.append_log([ev_entry("a", uid="u1"), ev_entry("b", uid="u2")]) == [1, 2]
+        assert s.append_log([LogEntry(b"no-keys"), ev_entry("c", uid="u1")]) == [3, 4]
+        assert s.append_log([LogEntry(b"no-keys-at-all")]) == [5]  # nothing to journal
+        assert _tree_entries(s) == {"idem": 0, "user_log": 0, "index_journal": 2}  # one record per keyed commit
+        assert s.pending_index_entries == 6
+        assert s.stats()["idem"] == 3 and s.stats()["user_log"] == 3
+        assert s.append_log([ev_entry("c"), ev_entry("d")]) == [None, 6]  # dedupe against the journal
+    with Store(path) as s:  # reopened: the journal is read back
+        assert s.pending_index_entries == 8
+        assert s.append_log([ev_entry("a"), ev_entry("d"), ev_entry("e")]) == [None, None, 7]
+        s.merge_index()
+        assert s.pending_index_entries == 0
+        assert _tree_entries(s) == {"idem": 5, "user_log": 5, "index_journal": 0}
+        assert s.stats()["idem"] == 5 and s.stats()["user_log"] == 5
+        assert s.append_log([ev_entry("a"), ev_entry("e"), ev_entry("f")]) == [None, None, 8]  # dedupe against the tree
+        s.write_checkpoint([], [], [], 8)  # a checkpoint merges too
+        assert s.pending_index_entries == 0 and _tree_entries(s)["index_journal"] == 0
+    with Store(path) as s:
+        assert s.pending_index_entries == 0
+        assert s.append_log([ev_entry(k) for k in "abcdef"]) == [None] * 6
+
+
+def test_index_merges_itself_past_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "_PENDING_INDEX_CAP", 10)
+    with Store(tmp_path / "db") as s:
+        s.append_log([ev_entry(f"e{i}") for i in range(4)])  # 8 entries: below the cap
+        assert s.pending_index_entries == 8
+        s.append_log([ev_entry(f"f{i}") for i in range(2)])  # 12: merged after the commit
+        assert s.pending_index_entries == 0 and _tree_entries(s)["idem"] == 6
+        assert s.append_log([ev_entry("e0"), ev_entry("f1"), ev_entry("g")]) == [None, None, 7]
+
+
+def test_forget_user_erases_merged_and_journaled_records(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with Store(path) as s:
+        s.append_log([ev_entry("a1", uid="alice"), ev_entry("b1", uid="bob")])
+        s.merge_index()
+        s.append_log([ev_entry("a2", uid="alice"), ev_entry("b2", uid="bob")])  # still in the journal
+        assert s.forget_user("alice") == 2
+        assert [codec.decode(p).event_id for _, p in s.iter_log()] == ["b1", "b2"]
+        assert s.stats()["idem"] == 2 and s.stats()["user_log"] == 2
+    with Store(path) as s:
+        assert s.append_log([ev_entry("a1", uid="alice"), ev_entry("a2", uid="alice"), ev_entry("b2")]) == [5, 6, None]
+
+
+def test_format_1_store_is_upgraded(tmp_path: Path) -> None:
+    import lmdb
+
+    path = tmp_path / "db"
+    with Store(path) as s:
+        s.append_log([ev_entry("a")])
+        s.merge_index()  # a format-1 store has every key in the trees
+    env = lmdb.open(str(path), max_dbs=16)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"store_format", b"\x01", db=meta)
+    env.close()
+    with Store(path) as s:
+        assert s.get_meta("store_format") == b"\x02"
+        assert s.append_log([ev_entry("a"), ev_entry("b")]) == [None, 2]
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"store_format", b"\x09", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(ValueError, match="not supported"):
+        Store(path)
 
 
 # --- forget_user ------------------------------------------------------------------------------
