@@ -90,6 +90,7 @@ class Engine:
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
         self._last_checkpoint_at = time.monotonic()
+        self._last_checkpoint_s = 0.0  # how long the last checkpoint took (paces the records trigger)
         self.last_checkpoint_wall = time.time()
         self._records_since_checkpoint = 0
         self.recovered_records = 0
@@ -358,17 +359,22 @@ class Engine:
         with self.lock:
             self.state.clear_dirty()
         self._last_checkpoint_at = time.monotonic()
+        self._last_checkpoint_s = time.perf_counter() - started
         self.last_checkpoint_wall = time.time()
         self._records_since_checkpoint = 0
-        self.observer.checkpoint(time.perf_counter() - started, len(item_records), len(user_records))
+        self.observer.checkpoint(self._last_checkpoint_s, len(item_records), len(user_records))
         log.info("checkpoint at seq %d: %d items, %d users written in %.1f ms", watermark, len(item_records),
-                 len(user_records), (time.perf_counter() - started) * 1e3)
+                 len(user_records), self._last_checkpoint_s * 1e3)
         return watermark
 
     def _maybe_checkpoint(self, final: bool) -> None:
-        due = (time.monotonic() - self._last_checkpoint_at >= self.config.checkpoint_interval_s
-               or self._records_since_checkpoint >= self.config.checkpoint_every_records)
-        if self._records_since_checkpoint and (final or due):
+        if not self._records_since_checkpoint:
+            return
+        config, since = self.config, time.monotonic() - self._last_checkpoint_at
+        due = since >= config.checkpoint_interval_s or (
+            self._records_since_checkpoint >= config.checkpoint_every_records
+            and since * config.checkpoint_max_share >= self._last_checkpoint_s)
+        if final or due:
             self._checkpoint()
 
     # --- reads ------------------------------------------------------------------------------------

@@ -42,6 +42,12 @@ def _kernel_thread() -> ThreadPoolExecutor:
     return _kernel_executor[1]
 
 
+def _sorted_rows(rows: set[int]) -> np.ndarray:
+    out = np.fromiter(rows, np.int32, len(rows))
+    out.sort()
+    return out
+
+
 class State:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -187,33 +193,38 @@ class State:
 
     # --- checkpoint --------------------------------------------------------------------------
     def dirty_records(self) -> tuple[list[ItemRecord], list[UserRecord], list[str]]:
-        items, users = self.items, self.users
-        item_records = [self.item_record(row) for row in sorted(items.dirty_rows)]
-        user_records = [self.user_record(users.rows[uid]) for uid in sorted(users.dirty) if uid in users.rows]
-        return item_records, user_records, sorted(users.forgotten)
+        users = self.users
+        user_rows = [users.rows[uid] for uid in sorted(users.dirty) if uid in users.rows]
+        return self.item_records(sorted(self.items.dirty_rows)), self.user_records(user_rows), sorted(users.forgotten)
 
     def clear_dirty(self) -> None:
         self.items.dirty_rows.clear()
         self.users.dirty.clear()
         self.users.forgotten.clear()
 
-    def item_record(self, row: int) -> ItemRecord:
+    def item_records(self, rows: list[int]) -> list[ItemRecord]:
+        """Records of many item rows, column by column (a checkpoint writes tens of thousands). The category lists
+        and attribute dicts are the catalog's own: upserts replace them and never change them in place."""
         items = self.items
-        return ItemRecord(
-            item_id=items.ids[row], row=row, categories=list(items.categories[row]),
-            attributes=dict(items.attributes[row]), deleted=not bool(items.live[row]),
-            vector=items.vectors[row].copy(), popularity=float(items.log2_popularity[row]),
-            last_event_ms=int(items.last_event_ms[row]), interactions=int(items.interactions[row]),
-        )
+        index = np.asarray(rows, np.int64)
+        vectors = items.vectors[index]  # one copy; each record holds a row of it
+        columns = zip(rows, items.live[index].tolist(), vectors, items.log2_popularity[index].tolist(),
+                      items.last_event_ms[index].tolist(), items.interactions[index].tolist())
+        ids, categories, attributes = items.ids, items.categories, items.attributes
+        return [ItemRecord(item_id=ids[row], row=row, categories=categories[row], attributes=attributes[row],
+                           deleted=not live, vector=vector, popularity=popularity, last_event_ms=last_ms,
+                           interactions=interactions)
+                for row, live, vector, popularity, last_ms, interactions in columns]
 
-    def user_record(self, row: int) -> UserRecord:
+    def user_records(self, rows: list[int]) -> list[UserRecord]:
         users = self.users
-        return UserRecord(
-            user_id=users.ids[row], vector=users.accumulators[row].copy(),
-            seen=np.array(sorted(users.seen[row]), np.int32), history=users.history_array(row),
-            event_count=int(users.event_counts[row]), last_event_ms=int(users.last_event_ms[row]),
-            positive_count=int(users.positive_counts[row]),
-        )
+        index = np.asarray(rows, np.int64)
+        columns = zip(rows, users.accumulators[index], users.event_counts[index].tolist(),
+                      users.last_event_ms[index].tolist(), users.positive_counts[index].tolist())
+        return [UserRecord(user_id=users.ids[row], vector=vector, seen=_sorted_rows(users.seen[row]),
+                           history=users.history_array(row), event_count=count, last_event_ms=last_ms,
+                           positive_count=positive)
+                for row, vector, count, last_ms, positive in columns]
 
     def load(self, item_records: list[ItemRecord], user_records: list[UserRecord]) -> None:
         """Rebuild from a checkpoint (items sorted by row)."""

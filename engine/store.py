@@ -180,12 +180,6 @@ def _pick(column: list, kept: Sequence[int]) -> list:
     return column if isinstance(kept, range) else [column[k] for k in kept]
 
 
-def _keyed_pairs(keys: list[bytes | None], values: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """(key, value) pairs, leaving out the records without a key."""
-    pairs = list(zip(keys, values))
-    return pairs if None not in keys else [pair for pair in pairs if pair[0] is not None]
-
-
 def _put_all(cursor: lmdb.Cursor, items: list[tuple[bytes, bytes]], append: bool = False) -> None:
     """putmulti that must write every pair (dupsort databases keep every value of a key)."""
     if not items:
@@ -454,9 +448,9 @@ class Store:
             seq_bytes = list(map(_SEQ.pack, range(start + 1, start + 1 + len(kept))))
             kept_idem, kept_users = _pick(idem_keys, kept), _pick(user_keys, kept)
             _put_all(txn.cursor(db=self._log), list(zip(seq_bytes, _pick(payloads, kept))), append=True)
-            if any(kept_idem) or any(kept_users):
-                txn.put(seq_bytes[0], index_journal.encode(start + 1, kept_idem, kept_users), db=self._journal,
-                        append=True)
+            if (any(kept_idem) or any(kept_users)) and not txn.put(
+                    seq_bytes[0], index_journal.encode(start + 1, kept_idem, kept_users), db=self._journal, append=True):
+                raise RuntimeError(f"index journal already holds a record at or after seq {start + 1}")
             txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._meta)
             return seqs, seq_bytes, kept_idem, kept_users
 
@@ -563,10 +557,8 @@ class Store:
             last = self._last_seq_txn(txn)
             if not 0 <= watermark <= last:
                 raise ValueError(f"checkpoint watermark {watermark} outside [0, last_seq={last}]")
-            for key, id_bytes, row, packed, vec in packed_items:
-                self._put_item(txn, key, id_bytes, row, packed, vec)
-            for key, packed in packed_users:
-                txn.put(key, packed, db=self._users)
+            self._put_items(txn, packed_items)
+            _put_all(txn.cursor(db=self._users), packed_users)
             for key in deleted_keys:
                 txn.delete(key, db=self._users)
             for key, value in packed_meta:
@@ -576,6 +568,32 @@ class Store:
 
         self._write(fn)
         self._pending.clear()
+
+    def _put_items(self, txn: lmdb.Transaction, packed_items: list[tuple]) -> None:
+        """_put_item of each, in order. The usual checkpoint (no item changes row, no id or row repeats) takes one
+        getmulti per lookup and one putmulti per database instead of four calls per item."""
+        keys = [key for key, *_ in packed_items]
+        row_keys = [_ROW.pack(row) for _, _, row, _, _ in packed_items]
+        if len(set(keys)) == len(keys) and len(set(row_keys)) == len(row_keys):
+            stored_rows = {key: _ITEM_HDR.unpack_from(raw, 0)[2] for key, raw in txn.cursor(db=self._items).getmulti(keys)}
+            if all(stored_rows.get(key, row) == row for key, _, row, _, _ in packed_items):
+                owners = dict(txn.cursor(db=self._item_rows).getmulti(row_keys))
+                for (_, id_bytes, row, _, _), rk in zip(packed_items, row_keys):
+                    owner = owners.get(rk, id_bytes)
+                    if owner != id_bytes:
+                        raise ValueError(f"row {row} of item {id_bytes.decode('utf-8')!r} already belongs to "
+                                         f"{owner.decode('utf-8')!r}")
+                _put_all(txn.cursor(db=self._item_rows),
+                         [(rk, item[1]) for item, rk in zip(packed_items, row_keys) if rk not in owners])
+                _put_all(txn.cursor(db=self._items), [(key, packed) for key, _, _, packed, _ in packed_items])
+                _put_all(txn.cursor(db=self._item_vectors),
+                         [(rk, item[4]) for item, rk in zip(packed_items, row_keys) if item[4] is not None])
+                for item, rk in zip(packed_items, row_keys):
+                    if item[4] is None:
+                        txn.delete(rk, db=self._item_vectors)
+                return
+        for key, id_bytes, row, packed, vec in packed_items:
+            self._put_item(txn, key, id_bytes, row, packed, vec)
 
     def _put_item(
         self, txn: lmdb.Transaction, key: bytes, id_bytes: bytes, row: int, packed: bytes, vec: bytes | None

@@ -149,4 +149,5 @@ class UserTable:
         return cached[1]
 
     def history_array(self, row: int) -> np.ndarray:
-        return np.array(list(self.history[row]), dtype=HISTORY_DTYPE)
+        history = self.history[row]
+        return np.fromiter(history, HISTORY_DTYPE, len(history))

@@ -108,3 +108,28 @@ def test_write_errors_reach_the_caller_and_the_writer_keeps_going(tmp_path, monk
     monkeypatch.setattr(engine.store, "append_records", original)
     assert engine.ingest(traffic(2, 5)).accepted > 0
     engine.close()
+
+
+def test_records_trigger_waits_for_the_last_checkpoints_share(tmp_path):
+    """After checkpoint_every_records, a checkpoint still waits until the writer has run 1/share times as long as
+    the last one took, so slow checkpoints cannot take over the writer under sustained ingest."""
+    import dataclasses
+    import time
+
+    config = dataclasses.replace(CONFIG, checkpoint_every_records=100, checkpoint_max_share=0.1)
+    engine = Engine(tmp_path, config)
+    seed_engine(engine, synthetic(n_users=60, n_items=200, n_clusters=5, events_per_user=10))
+    try:
+        seeded_at = engine.store.checkpoint_seq()
+        engine._last_checkpoint_s = 60.0  # as if the last one took a minute: due only after ten
+        engine.ingest(traffic(0, 150))
+        engine.ingest(traffic(1, 10))  # the writer looks again after each group
+        assert engine.store.checkpoint_seq() == seeded_at
+        engine._last_checkpoint_s = 0.0
+        engine.ingest(traffic(2, 10))
+        deadline = time.monotonic() + 5
+        while engine.store.checkpoint_seq() == seeded_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.store.checkpoint_seq() > seeded_at
+    finally:
+        engine.close()
