@@ -557,7 +557,8 @@ class Store:
             last = self._last_seq_txn(txn)
             if not 0 <= watermark <= last:
                 raise ValueError(f"checkpoint watermark {watermark} outside [0, last_seq={last}]")
-            self._put_items(txn, packed_items)
+            for key, id_bytes, row, packed, vec in packed_items:
+                self._put_item(txn, key, id_bytes, row, packed, vec)
             _put_all(txn.cursor(db=self._users), packed_users)
             for key in deleted_keys:
                 txn.delete(key, db=self._users)
@@ -568,32 +569,6 @@ class Store:
 
         self._write(fn)
         self._pending.clear()
-
-    def _put_items(self, txn: lmdb.Transaction, packed_items: list[tuple]) -> None:
-        """_put_item of each, in order. The usual checkpoint (no item changes row, no id or row repeats) takes one
-        getmulti per lookup and one putmulti per database instead of four calls per item."""
-        keys = [key for key, *_ in packed_items]
-        row_keys = [_ROW.pack(row) for _, _, row, _, _ in packed_items]
-        if len(set(keys)) == len(keys) and len(set(row_keys)) == len(row_keys):
-            stored_rows = {key: _ITEM_HDR.unpack_from(raw, 0)[2] for key, raw in txn.cursor(db=self._items).getmulti(keys)}
-            if all(stored_rows.get(key, row) == row for key, _, row, _, _ in packed_items):
-                owners = dict(txn.cursor(db=self._item_rows).getmulti(row_keys))
-                for (_, id_bytes, row, _, _), rk in zip(packed_items, row_keys):
-                    owner = owners.get(rk, id_bytes)
-                    if owner != id_bytes:
-                        raise ValueError(f"row {row} of item {id_bytes.decode('utf-8')!r} already belongs to "
-                                         f"{owner.decode('utf-8')!r}")
-                _put_all(txn.cursor(db=self._item_rows),
-                         [(rk, item[1]) for item, rk in zip(packed_items, row_keys) if rk not in owners])
-                _put_all(txn.cursor(db=self._items), [(key, packed) for key, _, _, packed, _ in packed_items])
-                _put_all(txn.cursor(db=self._item_vectors),
-                         [(rk, item[4]) for item, rk in zip(packed_items, row_keys) if item[4] is not None])
-                for item, rk in zip(packed_items, row_keys):
-                    if item[4] is None:
-                        txn.delete(rk, db=self._item_vectors)
-                return
-        for key, id_bytes, row, packed, vec in packed_items:
-            self._put_item(txn, key, id_bytes, row, packed, vec)
 
     def _put_item(
         self, txn: lmdb.Transaction, key: bytes, id_bytes: bytes, row: int, packed: bytes, vec: bytes | None
