@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .observer import EngineObserver
 from .rerank_features import ItemArrays, state_clock_ms
 from .reranker import Reranker, RerankerRejected
 from .retrieval import Recommendation, RecommendQuery, Retriever
+from .snapshot import CheckpointSnapshot
 from .state import State
 from .store import LogEntry, Store
 from .topk import get_backend
@@ -93,6 +94,10 @@ class Engine:
         self._last_checkpoint_s = 0.0  # how long the last checkpoint took (paces the records trigger)
         self.last_checkpoint_wall = time.time()
         self._records_since_checkpoint = 0
+        # Checkpoints triggered by volume or time are written on this thread while the writer goes on committing
+        # (the store keeps them in an LMDB environment of their own); at most one at a time.
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="streamrec-checkpoint")
+        self._checkpoint_running: Future | None = None
         self.recovered_records = 0
         self._recover()
         if config.reranker_path:
@@ -156,6 +161,8 @@ class Engine:
         """Drain queued writes and stop. checkpoint=False leaves the log unreplayed, as after a crash."""
         self.batcher.close()
         self.writer.close(final_checkpoint=checkpoint)
+        self._await_checkpoint()  # a checkpoint still writing must finish before the store closes
+        self._checkpointer.shutdown()
         self.store.close()
 
     def __enter__(self) -> "Engine":
@@ -323,6 +330,7 @@ class Engine:
         self.state.apply_events(batch)
 
     def _run_exclusive(self, op: Op):
+        self._await_checkpoint()  # erasure and seeding write the checkpointed state themselves
         if op.kind == "checkpoint":
             return self._checkpoint()
         if op.kind == "forget":
@@ -351,31 +359,62 @@ class Engine:
         self._checkpoint()
 
     def _checkpoint(self) -> int:
+        """A checkpoint written before returning (forced, after an erasure or seeding, at close)."""
+        self._await_checkpoint()
         started = time.perf_counter()
-        with self.lock:
-            item_records, user_records, forgotten = self.state.dirty_records()
-            watermark = self.state.applied_seq
-        self.store.write_checkpoint(item_records, user_records, forgotten, watermark)
-        with self.lock:
-            self.state.clear_dirty()
+        return self._write_snapshot(self._take_snapshot(), None, started)
+
+    def _take_snapshot(self) -> CheckpointSnapshot:
+        with self.lock:  # copies only: a few ms where building the records took ~0.2 s on a 100k-item catalog
+            snapshot = self.state.checkpoint_snapshot()
         self._last_checkpoint_at = time.monotonic()
+        self._records_since_checkpoint = 0
+        return snapshot
+
+    def _write_snapshot(self, snapshot: CheckpointSnapshot, index, started: float) -> int:
+        """Build and write the snapshot's records; index is None on the writer thread (see Store.write_checkpoint)."""
+        try:
+            item_records, user_records, forgotten = snapshot.records()
+            self.store.write_checkpoint(item_records, user_records, forgotten, snapshot.watermark, index=index)
+        except BaseException:
+            with self.lock:
+                self.state.mark_dirty(snapshot)  # the next checkpoint writes them; the log holds every event
+            raise
         self._last_checkpoint_s = time.perf_counter() - started
         self.last_checkpoint_wall = time.time()
-        self._records_since_checkpoint = 0
         self.observer.checkpoint(self._last_checkpoint_s, len(item_records), len(user_records))
-        log.info("checkpoint at seq %d: %d items, %d users written in %.1f ms", watermark, len(item_records),
+        log.info("checkpoint at seq %d: %d items, %d users written in %.1f ms", snapshot.watermark, len(item_records),
                  len(user_records), self._last_checkpoint_s * 1e3)
-        return watermark
+        return snapshot.watermark
+
+    def _await_checkpoint(self) -> None:
+        running, self._checkpoint_running = self._checkpoint_running, None
+        if running is not None:
+            try:
+                running.result()
+            except Exception:
+                log.exception("checkpoint failed; the log still holds every event, will retry")
 
     def _maybe_checkpoint(self, final: bool) -> None:
+        if final:
+            if self._records_since_checkpoint or self._checkpoint_running is not None:
+                self._checkpoint()
+            return
         if not self._records_since_checkpoint:
             return
+        if self._checkpoint_running is not None:
+            if not self._checkpoint_running.done():
+                return
+            self._await_checkpoint()  # collects (and logs) how it ended
         config, since = self.config, time.monotonic() - self._last_checkpoint_at
         due = since >= config.checkpoint_interval_s or (
             self._records_since_checkpoint >= config.checkpoint_every_records
             and since * config.checkpoint_max_share >= self._last_checkpoint_s)
-        if final or due:
-            self._checkpoint()
+        if due:
+            started = time.perf_counter()
+            snapshot = self._take_snapshot()
+            index = self.store.freeze_index()  # the keys of every commit so far, merged by the same transaction
+            self._checkpoint_running = self._checkpointer.submit(self._write_snapshot, snapshot, index, started)
 
     # --- reads ------------------------------------------------------------------------------------
     def recommend(self, queries: list[RecommendQuery], deadline: float | None = None) -> list[Recommendation]:

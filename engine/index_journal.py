@@ -14,6 +14,7 @@ is read back into memory, so a key acknowledged before a crash still deduplicate
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 
 _HEAD = struct.Struct(">QI")  # first seq, record count
@@ -42,24 +43,74 @@ def decode(value: bytes) -> tuple[int, list[bytes | None], list[bytes | None]]:
     return first_seq, keys[:n], keys[n:]
 
 
-class PendingIndex:
-    """The journal's entries in memory: what the idempotency check and user erasure must see besides the trees."""
+class Generation:
+    """Keys of consecutive group commits: idempotency key -> seq (u64 BE), (user key, seq) pairs, and the key of the
+    last journal record they came from (journal keys are first seqs, big-endian, so they sort as seqs)."""
+
+    __slots__ = ("idem", "user_pairs", "last_journal_key")
 
     def __init__(self) -> None:
-        self.idem: dict[bytes, bytes] = {}  # idempotency key -> seq (u64 BE) of the record that carried it
-        self.user_pairs: list[tuple[bytes, bytes]] = []  # (user key, seq u64 BE), one per keyed record
+        self.idem: dict[bytes, bytes] = {}
+        self.user_pairs: list[tuple[bytes, bytes]] = []
+        self.last_journal_key: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.user_pairs) + len(self.idem)
 
-    def add(self, seq_bytes: Sequence[bytes], idem_keys: Iterable[bytes | None], user_keys: Iterable[bytes | None]) -> None:
-        self.idem.update((key, seq) for key, seq in zip(idem_keys, seq_bytes) if key is not None)
-        self.user_pairs += [(key, seq) for key, seq in zip(user_keys, seq_bytes) if key is not None]
 
-    def add_journal_value(self, value: bytes, pack_seq) -> None:
+class PendingIndex:
+    """The journal's entries in memory: what the idempotency check and user erasure must see besides the trees.
+
+    Kept in generations so a checkpoint can merge keys on its own thread while the writer goes on adding: `freeze`
+    (writer thread) closes the current generation and hands every closed one to the merge, the writer's keys go
+    to a new one, and `drop` removes the merged generations once their merge has committed. `generations` is a
+    tuple that is replaced, never changed in place, so a reader on any thread sees one consistent set.
+    """
+
+    def __init__(self) -> None:
+        self.generations: tuple[Generation, ...] = (Generation(),)
+        self._replacing = threading.Lock()  # freeze (writer thread) and drop (a checkpoint's thread) both replace it
+
+    def __len__(self) -> int:
+        return sum(map(len, self.generations))
+
+    @property
+    def idem_count(self) -> int:
+        return sum(len(g.idem) for g in self.generations)
+
+    @property
+    def user_count(self) -> int:
+        return sum(len(g.user_pairs) for g in self.generations)
+
+    def add(self, seq_bytes: Sequence[bytes], idem_keys: Iterable[bytes | None], user_keys: Iterable[bytes | None],
+            journal_key: bytes | None = None) -> None:
+        current = self.generations[-1]
+        current.idem.update((key, seq) for key, seq in zip(idem_keys, seq_bytes) if key is not None)
+        current.user_pairs += [(key, seq) for key, seq in zip(user_keys, seq_bytes) if key is not None]
+        if journal_key is not None:
+            current.last_journal_key = journal_key
+
+    def add_journal_record(self, key: bytes, value: bytes, pack_seq) -> None:
         first_seq, idem_keys, user_keys = decode(value)
-        self.add([pack_seq(first_seq + k) for k in range(len(idem_keys))], idem_keys, user_keys)
+        self.add([pack_seq(first_seq + k) for k in range(len(idem_keys))], idem_keys, user_keys, key)
 
-    def clear(self) -> None:
-        self.idem.clear()
-        self.user_pairs.clear()
+    def freeze(self) -> tuple[Generation, ...]:
+        """Every generation so far (earlier frozen ones whose merge failed included); new keys go to a new one."""
+        with self._replacing:
+            frozen = tuple(g for g in self.generations if len(g) or g.last_journal_key is not None)
+            self.generations = frozen + (Generation(),)
+        return frozen
+
+    def drop(self, merged: tuple[Generation, ...]) -> None:
+        gone = set(map(id, merged))
+        with self._replacing:
+            self.generations = tuple(g for g in self.generations if id(g) not in gone)
+
+    def present(self, keys: Iterable[bytes | None]) -> set[bytes]:
+        """The keys held by any generation (the caller reads the tree only after this, so a generation dropped
+        in between had already committed its merge)."""
+        found: set[bytes] = set()
+        for generation in self.generations:
+            if generation.idem:
+                found.update(k for k in keys if k in generation.idem)
+        return found

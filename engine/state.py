@@ -14,6 +14,7 @@ from .config import EngineConfig
 from .cpu.update import apply_events as apply_update_kernel
 from .online import (GRAM_SCALE, OnlineArrays, OnlineParams, fold_in_exact, gram_fixed, history_weights,
                      signed_strength)
+from .snapshot import CheckpointSnapshot, ItemColumns, UserColumns
 from .store import ItemRecord, UserRecord
 from .types import Event, ItemSpec, event_weight, event_weights, is_positive
 from .users import HISTORY_DTYPE, UserTable
@@ -40,12 +41,6 @@ def _kernel_thread() -> ThreadPoolExecutor:
     if _kernel_executor is None or _kernel_executor[0] != os.getpid():
         _kernel_executor = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="streamrec-update"))
     return _kernel_executor[1]
-
-
-def _sorted_rows(rows: set[int]) -> np.ndarray:
-    out = np.fromiter(rows, np.int32, len(rows))
-    out.sort()
-    return out
 
 
 class State:
@@ -192,39 +187,36 @@ class State:
             users.accumulators[row] = x.astype(np.float32)
 
     # --- checkpoint --------------------------------------------------------------------------
-    def dirty_records(self) -> tuple[list[ItemRecord], list[UserRecord], list[str]]:
-        users = self.users
-        user_rows = [users.rows[uid] for uid in sorted(users.dirty) if uid in users.rows]
-        return self.item_records(sorted(self.items.dirty_rows)), self.user_records(user_rows), sorted(users.forgotten)
+    def checkpoint_snapshot(self) -> CheckpointSnapshot:
+        """Copies of everything changed since the last snapshot (the caller holds the engine lock), and the
+        changes forgotten: a checkpoint that fails hands them back with mark_dirty."""
+        items, users = self.items, self.users
+        item_rows = sorted(items.dirty_rows)
+        index = np.asarray(item_rows, np.int64)
+        ids, categories, attributes = items.ids, items.categories, items.attributes
+        item_columns = ItemColumns(item_rows, [ids[r] for r in item_rows], [categories[r] for r in item_rows],
+                                   [attributes[r] for r in item_rows], items.live[index], items.vectors[index],
+                                   items.log2_popularity[index], items.last_event_ms[index], items.interactions[index])
+        user_ids = [uid for uid in sorted(users.dirty) if uid in users.rows]
+        index = np.fromiter(map(users.rows.__getitem__, user_ids), np.int64, len(user_ids))
+        seen, history = users.seen, users.history
+        user_columns = UserColumns(user_ids, users.accumulators[index], [set(seen[r]) for r in index.tolist()],
+                                   [tuple(history[r]) for r in index.tolist()], users.event_counts[index],
+                                   users.last_event_ms[index], users.positive_counts[index])
+        snapshot = CheckpointSnapshot(self.applied_seq, item_columns, user_columns, sorted(users.forgotten))
+        self.clear_dirty()
+        return snapshot
+
+    def mark_dirty(self, snapshot: CheckpointSnapshot) -> None:
+        """A snapshot that was not written: its rows go into the next one."""
+        self.items.dirty_rows.update(snapshot.items.rows)
+        self.users.dirty.update(snapshot.users.ids)
+        self.users.forgotten.update(snapshot.forgotten)
 
     def clear_dirty(self) -> None:
         self.items.dirty_rows.clear()
         self.users.dirty.clear()
         self.users.forgotten.clear()
-
-    def item_records(self, rows: list[int]) -> list[ItemRecord]:
-        """Records of many item rows, column by column (a checkpoint writes tens of thousands). The category lists
-        and attribute dicts are the catalog's own: upserts replace them and never change them in place."""
-        items = self.items
-        index = np.asarray(rows, np.int64)
-        vectors = items.vectors[index]  # one copy; each record holds a row of it
-        columns = zip(rows, items.live[index].tolist(), vectors, items.log2_popularity[index].tolist(),
-                      items.last_event_ms[index].tolist(), items.interactions[index].tolist())
-        ids, categories, attributes = items.ids, items.categories, items.attributes
-        return [ItemRecord(item_id=ids[row], row=row, categories=categories[row], attributes=attributes[row],
-                           deleted=not live, vector=vector, popularity=popularity, last_event_ms=last_ms,
-                           interactions=interactions)
-                for row, live, vector, popularity, last_ms, interactions in columns]
-
-    def user_records(self, rows: list[int]) -> list[UserRecord]:
-        users = self.users
-        index = np.asarray(rows, np.int64)
-        columns = zip(rows, users.accumulators[index], users.event_counts[index].tolist(),
-                      users.last_event_ms[index].tolist(), users.positive_counts[index].tolist())
-        return [UserRecord(user_id=users.ids[row], vector=vector, seen=_sorted_rows(users.seen[row]),
-                           history=users.history_array(row), event_count=count, last_event_ms=last_ms,
-                           positive_count=positive)
-                for row, vector, count, last_ms, positive in columns]
 
     def load(self, item_records: list[ItemRecord], user_records: list[UserRecord]) -> None:
         """Rebuild from a checkpoint (items sorted by row)."""

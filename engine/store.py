@@ -1,25 +1,32 @@
 """LMDB persistence: the write-ahead log, idempotency keys, and checkpoints of item and user state.
 
-One LMDB environment (a folder) holds these named databases:
+Two LMDB environments, so that a checkpoint written on its own thread never holds the lock that the group
+commits need (LMDB allows one write transaction per environment):
 
-=============  ======================================  ==============================================
-name           key                                     value
-=============  ======================================  ==============================================
-log            seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
-idem           event_id                                seq (u64 BE) of the record that carried it
-user_log       user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
-items          item_id                                 packed ItemRecord metadata (no vector)
-item_vectors   row (u32 BE)                            float32 little-endian vector
-item_rows      row (u32 BE)                            item_id utf-8 (keeps rows unique)
-users          user_id                                 packed UserRecord
-meta           str                                     bytes (last_seq, checkpoint_seq, anything)
-index_journal  first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
-                                                       merged into those trees (engine/index_journal.py)
-=============  ======================================  ==============================================
+- the **log environment** (the store's folder), written by every group commit;
+- the **state environment** (its ``state/`` subfolder), written by checkpoints, index merges and erasures.
+
+=============  =====  ======================================  ==============================================
+name           env    key                                     value
+=============  =====  ======================================  ==============================================
+log            log    seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
+index_journal  log    first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
+                                                              merged into those trees (engine/index_journal.py)
+meta           log    str                                     store_format, last_seq
+idem           state  event_id                                seq (u64 BE) of the record that carried it
+user_log       state  user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
+items          state  item_id                                 packed ItemRecord metadata (no vector)
+item_vectors   state  row (u32 BE)                            float32 little-endian vector
+item_rows      state  row (u32 BE)                            item_id utf-8 (keeps rows unique)
+users          state  user_id                                 packed UserRecord
+meta           state  str                                     store_format, checkpoint_seq, anything else
+=============  =====  ======================================  ==============================================
 
 ``idem`` and ``user_log`` are therefore the trees plus the journal: a group commit appends its log records and
-ONE journal record, and the keys reach the trees later, many commits at a time (at checkpoints, before
-an erasure, or when more than ``_PENDING_INDEX_CAP`` are waiting). Both are durable from the commit on.
+ONE journal record, and the keys reach the trees later, many commits at a time (in a checkpoint's transaction,
+before an erasure, or when more than ``_PENDING_INDEX_CAP`` are waiting). Both are durable from the commit on.
+A merge commits in the state environment first; the journal records it covered are deleted afterwards by the
+next log write, and merging a key twice (after a crash in between) writes the same entry again.
 
 Keys are the UTF-8 id, except that the empty id becomes ``b"\\xfe"`` and ids longer than LMDB's
 511-byte key limit become ``b"\\xff" + blake2b-256(id)``: neither byte occurs in UTF-8, so these
@@ -27,35 +34,32 @@ never collide with a plain id. Records keep the full id in their value.
 
 Recovery contract: the state after a crash is "checkpoint (items, users) + replay of every log
 record with seq > checkpoint_seq()". Sequence numbers are never reused: ``meta["last_seq"]`` keeps
-the high-water mark even when forget_user erases the newest records.
+the high-water mark even when forget_user erases the newest records. A checkpoint's watermark never
+exceeds the log's durable end, so the two environments need no common transaction.
 
-Thread-safety contract: the engine calls every write method (append_log, write_checkpoint,
-forget_user, merge_index, put_meta) from a single writer thread, the only one that touches the journal's
-keys in memory; reads (load_*, iter_log) happen at start-up.
-Concurrent readers are still safe: each read is its own LMDB read transaction, no record is cached,
-and a gate keeps transactions out while the map is being resized (LMDB requires that no
-transaction of this process is open during ``set_mapsize``). Never share a Store across fork(),
-and open the folder from one process at a time (another process's map growth is not adopted).
-Keep readers from spinning while the writer runs: with py-lmdb 3 a write-transaction abort (the
-MapFullError path) waits for other threads' in-flight LMDB calls, so back-to-back reads starve it.
+Thread-safety contract: one writer thread calls append_log/append_records, merge_index, forget_user and
+put_meta, and is the only one that adds keys to the journal's memory. write_checkpoint may run on another thread
+while the writer appends, given ``index=freeze_index()`` taken on the writer thread; the engine runs at most
+one checkpoint at a time and no erasure during one. Reads (load_*, iter_log) happen at start-up.
+Concurrent readers are still safe: each read is its own LMDB read transaction and no record is cached.
+Never share a Store across fork(), and open the folder from one process at a time (another process's map
+growth is not adopted).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import lmdb
 import numpy as np
 
 from streamrec.engine import codec, index_journal
-from streamrec.engine.index_journal import PendingIndex
+from streamrec.engine.index_journal import Generation, PendingIndex
+from streamrec.engine.lmdb_env import LmdbEnv
 from streamrec.engine.types import Event
 
 logger = logging.getLogger(__name__)
@@ -63,8 +67,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["HISTORY_DTYPE", "ItemRecord", "UserRecord", "LogEntry", "Store"]
 
 HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
-
-_T = TypeVar("_T")
 
 _SEQ = struct.Struct(">Q")
 _ROW = struct.Struct(">I")
@@ -79,15 +81,17 @@ _MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE, also the limit for dupsort valu
 _EMPTY_KEY = b"\xfe"
 _HASHED_KEY = b"\xff"
 
-_STORE_FORMAT = b"\x02"  # 2 added index_journal (an older build would not see the keys waiting there)
-_UPGRADABLE_FORMATS = (b"\x01",)  # format 1 is format 2 with an empty journal
+# 2 added index_journal (an older build would not see the keys waiting there); 3 moved the checkpointed state
+# into its own environment. Formats 1 and 2 are one environment holding every database: upgraded on open.
+_STORE_FORMAT = b"\x03"
+_UPGRADABLE_FORMATS = (b"\x01", b"\x02")
 _META_FORMAT = "store_format"
 _META_LAST_SEQ = "last_seq"
 _META_CHECKPOINT = "checkpoint_seq"
 RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT})
 
-_DBS: dict[str, dict[str, bool]] = {
-    "log": {},
+_LOG_DBS: dict[str, dict[str, bool]] = {"log": {}, "index_journal": {}, "meta": {}}
+_STATE_DBS: dict[str, dict[str, bool]] = {
     "idem": {},
     "user_log": {"dupsort": True, "dupfixed": True},
     "items": {},
@@ -95,8 +99,9 @@ _DBS: dict[str, dict[str, bool]] = {
     "item_rows": {},
     "users": {},
     "meta": {},
-    "index_journal": {},
 }
+_STATE_DIR = "state"
+_LOG_META = (_META_FORMAT, _META_LAST_SEQ)  # the log environment's meta keys; every other one is the state's
 
 _ITER_CHUNK = 4096  # log records per read transaction in iter_log
 # Keys waiting in the journal before an append merges them itself (~300 bytes of memory each); checkpoints
@@ -257,105 +262,108 @@ def _unpack_user(raw: bytes) -> UserRecord:
     return UserRecord(user_id, vector, seen, history, event_count, last_ms, positive_count)
 
 
-# --- resize gate ------------------------------------------------------------------------------
-
-
-class _ResizeGate:
-    """Any number of transactions at once, but set_mapsize runs only when none is open."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._exclusive = False
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive:
-                self._cond.wait()
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if self._active == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive:
-                self._cond.wait()
-            self._exclusive = True
-            while self._active:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
 
 # --- store ------------------------------------------------------------------------------------
 
 
 class Store:
-    """The LMDB environment of one engine. See the module docstring for layout and contracts."""
+    """The two LMDB environments of one engine. See the module docstring for layout and contracts."""
 
     def __init__(self, path: str | Path, *, sync: bool = True, initial_map_size: int = 64 << 20) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(
-            str(self.path), map_size=initial_map_size, max_dbs=16, subdir=True, sync=sync, readahead=False
-        )
         self._closed = False
-        max_key = self._env.max_key_size()
-        if max_key < _MAX_KEY:  # ids are hashed to fit _MAX_KEY; a smaller build would reject keys
-            self._env.close()
-            raise RuntimeError(f"LMDB built with max key size {max_key} < {_MAX_KEY}")
-        self._gate = _ResizeGate()
-        # An existing environment may already be larger than initial_map_size; LMDB adopts its size.
-        self._map_size: int = self._env.info()["map_size"]
-
-        def open_dbs(txn: lmdb.Transaction) -> dict[str, object]:
-            dbs = {name: self._env.open_db(name.encode(), txn=txn, **flags) for name, flags in _DBS.items()}
-            fmt = txn.get(_META_FORMAT.encode(), db=dbs["meta"])
-            if fmt is None or fmt in _UPGRADABLE_FORMATS:
-                txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
-            elif fmt != _STORE_FORMAT:
-                raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
-            return dbs
-
+        self._log_env = LmdbEnv(self.path, sync=sync, initial_map_size=initial_map_size, min_key_size=_MAX_KEY)
         try:
-            dbs = self._write(open_dbs)
+            self._state_env = LmdbEnv(self.path / _STATE_DIR, sync=sync, initial_map_size=initial_map_size,
+                                      min_key_size=_MAX_KEY)
         except BaseException:
-            self._env.close()
+            self._log_env.close()
             raise
-        self._log = dbs["log"]
-        self._idem = dbs["idem"]
-        self._user_log = dbs["user_log"]
-        self._items = dbs["items"]
-        self._item_vectors = dbs["item_vectors"]
-        self._item_rows = dbs["item_rows"]
-        self._users = dbs["users"]
-        self._meta = dbs["meta"]
-        self._journal = dbs["index_journal"]
-        self._dbs = dbs
+        try:
+            self._open_dbs()
+        except BaseException:
+            self._state_env.close()
+            self._log_env.close()
+            raise
         self._pending = PendingIndex()
-        with self._read() as txn:  # keys committed before a crash or close, not merged yet
-            for _, value in txn.cursor(db=self._journal).iternext():
-                self._pending.add_journal_value(value, _SEQ.pack)
+        self._trim_journal_through: bytes | None = None  # merged journal records, deleted by the next log write
+        with self._log_env.read() as txn:  # keys committed before a crash or close, not merged yet
+            for key, value in txn.cursor(db=self._journal).iternext():
+                self._pending.add_journal_record(key, value, _SEQ.pack)
+
+    def _open_dbs(self) -> None:
+        log_env, state_env = self._log_env.env, self._state_env.env
+        fmt = self._log_env.write(
+            lambda txn: txn.get(_META_FORMAT.encode(), db=log_env.open_db(b"meta", txn=txn)))
+        if fmt in _UPGRADABLE_FORMATS:
+            self._upgrade_single_environment()
+        elif fmt is not None and fmt != _STORE_FORMAT:
+            raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
+
+        def open_all(env: lmdb.Environment, specs: dict[str, dict[str, bool]]) -> Callable:
+            def fn(txn: lmdb.Transaction) -> dict[str, object]:
+                dbs = {name: env.open_db(name.encode(), txn=txn, **flags) for name, flags in specs.items()}
+                txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
+                return dbs
+            return fn
+
+        # The state's format first: a log environment marked format 3 always has its state environment.
+        state_dbs = self._state_env.write(open_all(state_env, _STATE_DBS))
+        log_dbs = self._log_env.write(open_all(log_env, _LOG_DBS))
+        self._log, self._journal, self._log_meta = log_dbs["log"], log_dbs["index_journal"], log_dbs["meta"]
+        self._idem, self._user_log = state_dbs["idem"], state_dbs["user_log"]
+        self._items, self._item_vectors, self._item_rows = state_dbs["items"], state_dbs["item_vectors"], state_dbs["item_rows"]
+        self._users, self._meta = state_dbs["users"], state_dbs["meta"]
+        self._dbs = {**{name: (self._log_env, db) for name, db in log_dbs.items() if name != "meta"},
+                     **{name: (self._state_env, db) for name, db in state_dbs.items() if name != "meta"}}
+
+    def _upgrade_single_environment(self) -> None:
+        """Format 1/2 -> 3: copy the state's databases into the state environment, then drop them from the log's.
+        A crash in between leaves the log environment at its old format, and the copy is simply redone."""
+        log_env = self._log_env.env
+        moved = [name for name in _STATE_DBS if name != "meta"]
+        with self._log_env.read() as txn:
+            contents = {}
+            for name in moved:
+                db = log_env.open_db(name.encode(), txn=txn, create=False, **_STATE_DBS[name]) \
+                    if txn.get(name.encode()) is not None else None
+                contents[name] = list(txn.cursor(db=db).iternext()) if db is not None else []
+            meta = log_env.open_db(b"meta", txn=txn, create=False)
+            state_meta = [(k, v) for k, v in txn.cursor(db=meta).iternext() if k.decode() not in _LOG_META]
+        state_env = self._state_env.env
+
+        def copy(txn: lmdb.Transaction) -> None:
+            for name, pairs in contents.items():
+                db = state_env.open_db(name.encode(), txn=txn, **_STATE_DBS[name])
+                txn.drop(db, delete=False)
+                _put_all(txn.cursor(db=db), pairs)
+            db = state_env.open_db(b"meta", txn=txn)
+            _put_all(txn.cursor(db=db), state_meta)
+            txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=db)
+
+        self._state_env.write(copy)
+
+        def drop(txn: lmdb.Transaction) -> None:
+            for name in moved:
+                if txn.get(name.encode()) is not None:
+                    txn.drop(log_env.open_db(name.encode(), txn=txn, create=False, **_STATE_DBS[name]), delete=True)
+            db = log_env.open_db(b"meta", txn=txn)
+            for key, _ in state_meta:
+                txn.delete(key, db=db)
+            txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=db)
+
+        self._log_env.write(drop)
+        logger.info("store upgraded to format %d: checkpointed state moved to %s", _STORE_FORMAT[0],
+                    self.path / _STATE_DIR)
 
     # --- lifecycle ---
 
     def close(self) -> None:
         if self._closed:
             return
-        with self._gate.exclusive():  # let in-flight transactions finish first
-            self._closed = True
-            self._env.close()
+        self._closed = True
+        self._state_env.close()
+        self._log_env.close()
 
     def __enter__(self) -> Store:
         return self
@@ -365,40 +373,12 @@ class Store:
 
     def flush(self) -> None:
         """Force data to disk; only needed when opened with sync=False."""
-        self._env.sync(True)
-
-    # --- transaction helpers ---
-
-    def _write(self, fn: Callable[[lmdb.Transaction], _T]) -> _T:
-        """Run fn in one write transaction; when the map is full, abort, double the map, rerun fn.
-
-        fn must therefore be re-runnable: it may only read its arguments, never consume iterators
-        or mutate caller state.
-        """
-        while True:
-            attempt_size = self._map_size
-            try:
-                with self._gate.shared(), self._env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self._grow(attempt_size)
-
-    def _grow(self, seen_size: int) -> None:
-        with self._gate.exclusive():
-            if self._map_size != seen_size:  # another writer already grew it
-                return
-            new_size = self._map_size * 2
-            self._env.set_mapsize(new_size)
-            self._map_size = self._env.info()["map_size"]
-        logger.info("LMDB map full at %d bytes; grew to %d", seen_size, self._map_size)
-
-    @contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction]:
-        with self._gate.shared(), self._env.begin(write=False) as txn:
-            yield txn
+        self._log_env.env.sync(True)
+        self._state_env.env.sync(True)
 
     def _last_seq_txn(self, txn: lmdb.Transaction) -> int:
-        raw = txn.get(_META_LAST_SEQ.encode(), db=self._meta)
+        """Within a transaction of the log environment."""
+        raw = txn.get(_META_LAST_SEQ.encode(), db=self._log_meta)
         meta_seq = _SEQ.unpack(raw)[0] if raw is not None else 0
         cur = txn.cursor(db=self._log)
         log_seq = _SEQ.unpack(cur.key())[0] if cur.last() else 0
@@ -408,7 +388,7 @@ class Store:
 
     def last_seq(self) -> int:
         """Highest seq ever assigned (0 when nothing was ever appended)."""
-        with self._read() as txn:
+        with self._log_env.read() as txn:
             return self._last_seq_txn(txn)
 
     def append_log(self, entries: Sequence[LogEntry]) -> list[int | None]:
@@ -438,10 +418,12 @@ class Store:
         idem_keys = _keys(event_ids, empty_is_none=True)
         user_keys = _keys(user_ids)
         payloads = list(payloads)
+        trim_through = self._trim_journal_through
 
         def fn(txn: lmdb.Transaction) -> tuple[list[int | None], list[bytes], list, list]:
+            self._trim_journal(txn, trim_through)
             start = self._last_seq_txn(txn)
-            seqs = _assign_seqs(idem_keys, self._present_keys(txn, idem_keys), start)
+            seqs = _assign_seqs(idem_keys, self._present_keys(idem_keys), start)
             kept = range(len(seqs)) if None not in seqs else [k for k, seq in enumerate(seqs) if seq is not None]
             if not kept:
                 return seqs, [], [], []
@@ -451,22 +433,26 @@ class Store:
             if (any(kept_idem) or any(kept_users)) and not txn.put(
                     seq_bytes[0], index_journal.encode(start + 1, kept_idem, kept_users), db=self._journal, append=True):
                 raise RuntimeError(f"index journal already holds a record at or after seq {start + 1}")
-            txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._meta)
+            txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._log_meta)
             return seqs, seq_bytes, kept_idem, kept_users
 
-        seqs, seq_bytes, kept_idem, kept_users = self._write(fn)
-        self._pending.add(seq_bytes, kept_idem, kept_users)  # only once committed: fn may run twice
+        seqs, seq_bytes, kept_idem, kept_users = self._log_env.write(fn)
+        self._trimmed(trim_through)
+        if seq_bytes:  # only once committed: fn may run twice
+            journaled = any(kept_idem) or any(kept_users)
+            self._pending.add(seq_bytes, kept_idem, kept_users, seq_bytes[0] if journaled else None)
         if len(self._pending) > _PENDING_INDEX_CAP:
             self.merge_index()
         return seqs
 
-    def _present_keys(self, txn: lmdb.Transaction, keys: list[bytes | None]) -> set[bytes]:
-        """The keys among `keys` that are stored already: waiting in the journal, or in the tree (one getmulti)."""
-        pending = self._pending.idem
-        wanted = [k for k in keys if k is not None and k not in pending]
-        present = {k for k in keys if k in pending} if pending else set()
+    def _present_keys(self, keys: list[bytes | None]) -> set[bytes]:
+        """The keys among `keys` that are stored already: waiting in the journal's memory, or in the tree. Memory
+        is read first: a generation gone from it by the time the tree is read had committed its merge before."""
+        present = self._pending.present(keys)
+        wanted = [k for k in keys if k is not None and k not in present]
         if wanted:
-            present.update(key for key, _ in txn.cursor(db=self._idem).getmulti(wanted))
+            with self._state_env.read() as txn:
+                present.update(key for key, _ in txn.cursor(db=self._idem).getmulti(wanted))
         return present
 
     # --- secondary indexes ---
@@ -476,19 +462,42 @@ class Store:
         """idem + user_log entries committed in the journal and not yet merged into their trees."""
         return len(self._pending)
 
-    def merge_index(self) -> None:
-        """Merge the journal's keys into the idem and user_log trees now, in one transaction."""
-        if len(self._pending):
-            self._write(self._merge_pending)
-            self._pending.clear()
+    def freeze_index(self) -> tuple[Generation, ...]:
+        """Writer thread: the journal's keys so far, for a write_checkpoint on another thread to merge."""
+        return self._pending.freeze()
 
-    def _merge_pending(self, txn: lmdb.Transaction) -> None:
-        """Part of a write transaction; the caller clears `_pending` once it commits (fn may rerun)."""
-        if not len(self._pending):
+    def merge_index(self) -> None:
+        """Merge the journal's keys into the idem and user_log trees now and empty the journal (writer thread)."""
+        merged = self._pending.freeze()
+        if merged:
+            self._state_env.write(lambda txn: _merge(txn, merged, self._idem, self._user_log))
+            self._merged(merged)
+            self._flush_journal_trim()
+
+    def _merged(self, merged: tuple[Generation, ...]) -> None:
+        """After the merge's transaction committed: forget the keys, and mark their journal records for deletion."""
+        last = max((g.last_journal_key for g in merged if g.last_journal_key is not None), default=None)
+        self._pending.drop(merged)
+        if last is not None and (self._trim_journal_through is None or last > self._trim_journal_through):
+            self._trim_journal_through = last
+
+    def _trim_journal(self, txn: lmdb.Transaction, through: bytes | None) -> None:
+        """Within a log transaction: delete the journal records up to `through` (merged into the trees)."""
+        if through is None:
             return
-        _put_all(txn.cursor(db=self._idem), list(self._pending.idem.items()))
-        _put_all(txn.cursor(db=self._user_log), self._pending.user_pairs)
-        txn.drop(self._journal, delete=False)
+        cur = txn.cursor(db=self._journal)
+        while cur.first() and cur.key() <= through:
+            cur.delete()
+
+    def _trimmed(self, through: bytes | None) -> None:
+        if through is not None and self._trim_journal_through == through:
+            self._trim_journal_through = None  # a newer mark set meanwhile stays for the next write
+
+    def _flush_journal_trim(self) -> None:
+        through = self._trim_journal_through
+        if through is not None:
+            self._log_env.write(lambda txn: self._trim_journal(txn, through))
+            self._trimmed(through)
 
     def iter_log(self, after_seq: int = 0) -> Iterator[tuple[int, bytes]]:
         """Yield (seq, payload) with seq > after_seq in seq order.
@@ -500,7 +509,7 @@ class Store:
         nxt = max(after_seq, 0) + 1
         while nxt <= 0xFFFF_FFFF_FFFF_FFFF:
             batch: list[tuple[int, bytes]] = []
-            with self._read() as txn:
+            with self._log_env.read() as txn:
                 cur = txn.cursor(db=self._log)
                 if cur.set_range(_SEQ.pack(nxt)):
                     for k, v in cur.iternext():
@@ -513,7 +522,7 @@ class Store:
             nxt = batch[-1][0] + 1
 
     def log_count(self) -> int:
-        with self._read() as txn:
+        with self._log_env.read() as txn:
             return txn.stat(self._log)["entries"]
 
     # --- checkpoint ---
@@ -525,9 +534,15 @@ class Store:
         deleted_user_ids: Iterable[str],
         watermark_seq: int,
         meta: dict[str, bytes] | None = None,
+        index: tuple[Generation, ...] | None = None,
     ) -> None:
-        """In ONE transaction: upsert items (metadata + vector) and users, delete the listed users
-        (deletion wins over an upsert of the same user), set extra meta and checkpoint_seq.
+        """In ONE transaction of the state environment: upsert items (metadata + vector) and users, delete the
+        listed users (deletion wins over an upsert of the same user), set extra meta and checkpoint_seq, and merge
+        the journal's keys into their trees.
+
+        index: the keys to merge, from freeze_index() on the writer thread, when this runs on another thread while
+        the writer appends; their journal records go with the writer's next log write. Without it the caller is
+        the writer thread: every waiting key is merged and the journal emptied before returning.
 
         watermark_seq must be within [0, last_seq()]: a watermark beyond the log would make
         recovery skip records appended later.
@@ -552,11 +567,13 @@ class Store:
         deleted_keys = [_key(uid) for uid in deleted_user_ids]
         packed_meta = [(k.encode("utf-8"), bytes(v)) for k, v in extra.items()]
         watermark = int(watermark_seq)
+        last = self.last_seq()
+        if not 0 <= watermark <= last:
+            raise ValueError(f"checkpoint watermark {watermark} outside [0, last_seq={last}]")
+        on_writer_thread = index is None
+        merged = self._pending.freeze() if on_writer_thread else index
 
         def fn(txn: lmdb.Transaction) -> None:
-            last = self._last_seq_txn(txn)
-            if not 0 <= watermark <= last:
-                raise ValueError(f"checkpoint watermark {watermark} outside [0, last_seq={last}]")
             for key, id_bytes, row, packed, vec in packed_items:
                 self._put_item(txn, key, id_bytes, row, packed, vec)
             _put_all(txn.cursor(db=self._users), packed_users)
@@ -565,10 +582,12 @@ class Store:
             for key, value in packed_meta:
                 txn.put(key, value, db=self._meta)
             txn.put(_META_CHECKPOINT.encode(), _SEQ.pack(watermark), db=self._meta)
-            self._merge_pending(txn)  # a checkpoint is already a large transaction: one fsync for both
+            _merge(txn, merged, self._idem, self._user_log)  # a checkpoint is already a large transaction
 
-        self._write(fn)
-        self._pending.clear()
+        self._state_env.write(fn)
+        self._merged(merged)
+        if on_writer_thread:
+            self._flush_journal_trim()
 
     def _put_item(
         self, txn: lmdb.Transaction, key: bytes, id_bytes: bytes, row: int, packed: bytes, vec: bytes | None
@@ -602,7 +621,7 @@ class Store:
     def load_items(self) -> list[ItemRecord]:
         """Every item record (deleted ones included), sorted by row."""
         out: list[ItemRecord] = []
-        with self._read() as txn:
+        with self._state_env.read() as txn:
             for _, raw in txn.cursor(db=self._items).iternext():
                 rec = _unpack_item(raw, None)
                 vec = txn.get(_ROW.pack(rec.row), db=self._item_vectors)
@@ -613,75 +632,97 @@ class Store:
         return out
 
     def load_users(self) -> list[UserRecord]:
-        with self._read() as txn:
+        with self._state_env.read() as txn:
             return [_unpack_user(raw) for _, raw in txn.cursor(db=self._users).iternext()]
+
 
     # --- erasure ---
 
     def forget_user(self, user_id: str) -> int:
-        """In ONE transaction erase the user's record, every log record indexed under the user,
-        the idempotency keys of those records and the user's user_log entries.
+        """Erase the user's record, every log record indexed under the user, the idempotency keys of those
+        records and the user's user_log entries (writer thread, no checkpoint in flight).
 
         Returns the number of log records erased. The idempotency keys go too (they are the
         user's data as well), so a later resend of a forgotten event_id is accepted as new.
         Seqs of erased records are never reassigned.
-        """
-        ukey = _key(user_id)
 
-        def fn(txn: lmdb.Transaction) -> int:
-            self._merge_pending(txn)  # so the trees below hold every key of the user's records
-            # Pin the high-water mark before erasing what may be the newest records.
-            txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(self._last_seq_txn(txn)), db=self._meta)
+        The two environments commit separately, in an order a retry after a crash completes: the journal's keys
+        are merged (and the journal emptied) so the trees list every record; then the idempotency keys go, then the
+        log records, and the user_log entries that find them only last.
+        """
+        self.merge_index()
+        self._flush_journal_trim()
+        ukey = _key(user_id)
+        with self._state_env.read() as txn:
             cur = txn.cursor(db=self._user_log)
             seqs = list(cur.iternext_dup(keys=False)) if cur.set_key(ukey) else []
-            erased = 0
+        idem_keys: list[tuple[bytes, bytes]] = []  # (key, seq of the record that carried it)
+        with self._log_env.read() as txn:
             for sb in seqs:
-                payload = txn.pop(sb, db=self._log)
-                if payload is None:
+                payload = txn.get(sb, db=self._log)
+                if not payload or payload[0] != codec.RecordKind.EVENT:
                     continue
-                erased += 1
-                if payload and payload[0] == codec.RecordKind.EVENT:
-                    try:
-                        ev = codec.decode(payload)
-                    except ValueError:  # erase it anyway; only its idempotency key can't be found
-                        logger.warning("forget_user: undecodable log record %d", _SEQ.unpack(sb)[0])
-                        continue
-                    if isinstance(ev, Event) and ev.event_id:
-                        ik = _key(ev.event_id)
-                        if txn.get(ik, db=self._idem) == sb:
-                            txn.delete(ik, db=self._idem)
+                try:
+                    ev = codec.decode(payload)
+                except ValueError:  # erased anyway below; only its idempotency key can't be found
+                    logger.warning("forget_user: undecodable log record %d", _SEQ.unpack(sb)[0])
+                    continue
+                if isinstance(ev, Event) and ev.event_id:
+                    idem_keys.append((_key(ev.event_id), sb))
+
+        def erase_keys(txn: lmdb.Transaction) -> None:
+            for ik, sb in idem_keys:
+                if txn.get(ik, db=self._idem) == sb:
+                    txn.delete(ik, db=self._idem)
+
+        def erase_log(txn: lmdb.Transaction) -> int:
+            # Pin the high-water mark before erasing what may be the newest records.
+            txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(self._last_seq_txn(txn)), db=self._log_meta)
+            return sum(txn.pop(sb, db=self._log) is not None for sb in seqs)
+
+        def erase_user(txn: lmdb.Transaction) -> None:
             if seqs:
                 txn.delete(ukey, db=self._user_log)  # no value: all duplicates of the key
             txn.delete(ukey, db=self._users)
-            return erased
 
-        erased = self._write(fn)
-        self._pending.clear()
+        self._state_env.write(erase_keys)
+        erased = self._log_env.write(erase_log)
+        self._state_env.write(erase_user)
         return erased
 
     # --- meta & stats ---
 
     def get_meta(self, key: str) -> bytes | None:
-        with self._read() as txn:
-            return txn.get(key.encode("utf-8"), db=self._meta)
+        env, db = (self._log_env, self._log_meta) if key in _LOG_META and key != _META_FORMAT else (self._state_env, self._meta)
+        with env.read() as txn:
+            return txn.get(key.encode("utf-8"), db=db)
 
     def put_meta(self, key: str, value: bytes) -> None:
         if key in RESERVED_META:
             raise ValueError(f"meta key {key!r} is managed by the store")
         k, v = key.encode("utf-8"), bytes(value)
-        self._write(lambda txn: txn.put(k, v, db=self._meta))
+        self._state_env.write(lambda txn: txn.put(k, v, db=self._meta))
 
     def stats(self) -> dict[str, int]:
-        """Entries per database, map_size, used_bytes (pages in use), last_seq, checkpoint_seq. idem and user_log
-        count their journal entries too (index_journal counts journal records, one per group commit)."""
-        with self._read() as txn:
-            out = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
-            out["idem"] += len(self._pending.idem)
-            out["user_log"] += len(self._pending.user_pairs)
-            out["last_seq"] = self._last_seq_txn(txn)
-            raw = txn.get(_META_CHECKPOINT.encode(), db=self._meta)
-            out["checkpoint_seq"] = _SEQ.unpack(raw)[0] if raw is not None else 0
-            info = self._env.info()
-            out["map_size"] = info["map_size"]
-            out["used_bytes"] = (info["last_pgno"] + 1) * self._env.stat()["psize"]
+        """Entries per database, map_size and used_bytes (both environments together), last_seq, checkpoint_seq.
+        idem and user_log count their journal entries too (index_journal counts journal records, one per group
+        commit)."""
+        out: dict[str, int] = {}
+        for env in (self._log_env, self._state_env):
+            with env.read() as txn:
+                out.update({name: txn.stat(db)["entries"] for name, (owner, db) in self._dbs.items() if owner is env})
+        out["idem"] += self._pending.idem_count
+        out["user_log"] += self._pending.user_count
+        out["last_seq"] = self.last_seq()
+        out["checkpoint_seq"] = self.checkpoint_seq()
+        sizes = [self._log_env.sizes(), self._state_env.sizes()]
+        out["map_size"] = sum(map_size for map_size, _ in sizes)
+        out["used_bytes"] = sum(used for _, used in sizes)
         return out
+
+
+def _merge(txn: lmdb.Transaction, generations: tuple[Generation, ...], idem_db, user_log_db) -> None:
+    """Part of a state transaction: the generations' keys into their trees (writing an entry again is harmless)."""
+    for generation in generations:
+        _put_all(txn.cursor(db=idem_db), list(generation.idem.items()))
+        _put_all(txn.cursor(db=user_log_db), generation.user_pairs)

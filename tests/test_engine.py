@@ -133,3 +133,82 @@ def test_records_trigger_waits_for_the_last_checkpoints_share(tmp_path):
         assert engine.store.checkpoint_seq() > seeded_at
     finally:
         engine.close()
+
+
+def _background_checkpoints(engine: Engine, monkeypatch, gate=None, fail_once=False) -> list:
+    """Counts the checkpoints written off the writer thread; `gate` holds them until set, `fail_once` breaks the first."""
+    import threading
+
+    original, calls = engine.store.write_checkpoint, []
+
+    def write_checkpoint(*args, index=None, **kwargs):
+        if index is not None:  # given only to a checkpoint written on the checkpoint thread
+            calls.append(threading.current_thread().name)
+            if gate is not None:
+                assert gate.wait(10)
+            if fail_once and len(calls) == 1:
+                raise OSError("disk on fire")
+        return original(*args, index=index, **kwargs)
+
+    monkeypatch.setattr(engine.store, "write_checkpoint", write_checkpoint)
+    return calls
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
+def test_a_checkpoint_being_written_blocks_neither_commits_nor_recommendations(tmp_path, monkeypatch):
+    import dataclasses
+    import threading
+
+    engine = Engine(tmp_path, dataclasses.replace(CONFIG, checkpoint_every_records=100))
+    seed_engine(engine, synthetic(n_users=60, n_items=200, n_clusters=5, events_per_user=10))
+    gate = threading.Event()
+    calls = _background_checkpoints(engine, monkeypatch, gate)
+    try:
+        seeded_at = engine.store.checkpoint_seq()
+        engine.ingest(traffic(0, 150))  # due: a checkpoint starts and waits at the gate
+        _wait_for(lambda: calls)
+        for batch in range(1, 4):  # acknowledged while the checkpoint is still open
+            assert engine.ingest(traffic(batch, 50)).accepted > 0
+            assert engine.recommend([engine.build_query("u3", 5)])[0].item_ids
+        assert engine.store.checkpoint_seq() == seeded_at and len(calls) == 1  # one at a time
+        gate.set()
+        _wait_for(lambda: engine.store.checkpoint_seq() > seeded_at)
+        assert calls[0].startswith("streamrec-checkpoint")
+        live = snapshot(engine)
+    finally:
+        gate.set()
+        engine.close(checkpoint=False)
+    reopened = Engine(tmp_path, CONFIG)  # that checkpoint + replay of what came during and after it
+    assert reopened.recovered_records > 0
+    assert snapshot(reopened) == live
+    again = reopened.ingest(traffic(2, 50))  # keys of commits made during the merge still deduplicate
+    assert again.accepted == 0 and again.duplicates > 0
+    reopened.close()
+
+
+def test_a_failed_background_checkpoint_leaves_its_changes_to_the_next(tmp_path, monkeypatch):
+    import dataclasses
+
+    engine = Engine(tmp_path, dataclasses.replace(CONFIG, checkpoint_every_records=100))
+    seed_engine(engine, synthetic(n_users=60, n_items=200, n_clusters=5, events_per_user=10))
+    calls = _background_checkpoints(engine, monkeypatch, fail_once=True)
+    seeded_at = engine.store.checkpoint_seq()
+    engine.ingest(traffic(0, 150))  # due: this checkpoint fails after its snapshot cleared the dirty marks
+    _wait_for(lambda: calls and engine._checkpoint_running.done())
+    assert engine.store.checkpoint_seq() == seeded_at
+    engine.ingest(traffic(1, 20))
+    engine.checkpoint()  # must write what the failed one held as well as the new changes
+    live = snapshot(engine)
+    engine.close(checkpoint=False)
+    reopened = Engine(tmp_path, CONFIG)
+    assert reopened.recovered_records == 0  # everything comes from the checkpoint, nothing from replay
+    assert snapshot(reopened) == live
+    reopened.close()

@@ -417,8 +417,12 @@ def test_index_journal_rejects_trailing_bytes() -> None:
 
 def _tree_entries(s: Store) -> dict[str, int]:
     """Entries in the idem / user_log trees and the journal themselves (stats() adds the journal's keys)."""
-    with s._read() as txn:
-        return {name: txn.stat(s._dbs[name])["entries"] for name in ("idem", "user_log", "index_journal")}
+    out = {}
+    for name in ("idem", "user_log", "index_journal"):
+        env, db = s._dbs[name]
+        with env.read() as txn:
+            out[name] = txn.stat(db)["entries"]
+    return out
 
 
 def test_index_keys_wait_in_the_journal_then_merge(tmp_path: Path) -> None:
@@ -446,6 +450,40 @@ def test_index_keys_wait_in_the_journal_then_merge(tmp_path: Path) -> None:
         assert s.append_log([ev_entry(k) for k in "abcdef"]) == [None] * 6
 
 
+def test_checkpoint_merges_a_frozen_generation_while_the_writer_appends(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with Store(path) as s:
+        s.append_log([ev_entry("a", uid="u1"), ev_entry("b", uid="u2")])
+        s.append_log([ev_entry("c", uid="u1")])
+        frozen = s.freeze_index()  # writer thread: the keys so far go to the checkpoint
+        s.append_log([ev_entry("d", uid="u3")])  # a new generation, not part of the merge
+        thread = threading.Thread(target=s.write_checkpoint, args=([], [], [], 4), kwargs={"index": frozen})
+        thread.start()
+        thread.join()
+        assert s.checkpoint_seq() == 4
+        assert _tree_entries(s) == {"idem": 3, "user_log": 3, "index_journal": 3}  # journal trimmed by the writer
+        assert s.pending_index_entries == 2  # only "d"
+        assert s.append_log([ev_entry(k) for k in "abcde"]) == [None] * 4 + [5]  # merged and pending keys both
+        assert _tree_entries(s)["index_journal"] == 2  # the merged records went with that append
+    with Store(path) as s:
+        assert s.pending_index_entries == 4  # "d" and "e", read back from the journal
+        assert s.append_log([ev_entry(k) for k in "abcdef"]) == [None] * 5 + [6]
+
+
+def test_keys_merged_before_a_crash_but_still_journaled_merge_again_harmlessly(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with Store(path) as s:
+        s.append_log([ev_entry("a", uid="u1"), ev_entry("b", uid="u1")])
+        s.write_checkpoint([], [], [], 2, index=s.freeze_index())  # merged; the journal waits for the next append
+        assert _tree_entries(s) == {"idem": 2, "user_log": 2, "index_journal": 1}
+    with Store(path) as s:  # as after a crash before that append
+        assert s.pending_index_entries == 4
+        s.merge_index()
+        assert _tree_entries(s) == {"idem": 2, "user_log": 2, "index_journal": 0}  # no entry twice
+        assert s.append_log([ev_entry("a"), ev_entry("c")]) == [None, 3]
+        assert s.forget_user("u1") == 2
+
+
 def test_index_merges_itself_past_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "_PENDING_INDEX_CAP", 10)
     with Store(tmp_path / "db") as s:
@@ -469,21 +507,64 @@ def test_forget_user_erases_merged_and_journaled_records(tmp_path: Path) -> None
         assert s.append_log([ev_entry("a1", uid="alice"), ev_entry("a2", uid="alice"), ev_entry("b2")]) == [5, 6, None]
 
 
-def test_format_1_store_is_upgraded(tmp_path: Path) -> None:
+def _single_environment_store(path: Path, fmt: bytes) -> None:
+    """A store as formats 1 and 2 wrote it: every database in one environment. Format 2 adds the journal, here holding
+    the keys of record 2 (format 1 had every key in the trees)."""
+    import lmdb
+
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = {name: env.open_db(name.encode(), txn=txn, **flags) for name, flags in
+              {**store_mod._LOG_DBS, **store_mod._STATE_DBS}.items()}
+        seq = store_mod._SEQ.pack
+        txn.put(seq(1), ev_entry("a", uid="alice").payload, db=db["log"])
+        txn.put(b"a", seq(1), db=db["idem"])
+        txn.put(b"alice", seq(1), db=db["user_log"])
+        txn.put(b"alice", store_mod._pack_user(make_user("alice")), db=db["users"])
+        item = make_item(0)
+        txn.put(b"item-0", store_mod._pack_item(item), db=db["items"])
+        txn.put(store_mod._ROW.pack(0), b"item-0", db=db["item_rows"])
+        txn.put(store_mod._ROW.pack(0), codec.vector_to_bytes(item.vector), db=db["item_vectors"])
+        txn.put(seq(2), ev_entry("b", uid="bob").payload, db=db["log"])
+        if fmt == b"\x02":
+            txn.put(seq(2), index_journal.encode(2, [b"b"], [b"bob"]), db=db["index_journal"])
+        else:
+            txn.put(b"b", seq(2), db=db["idem"])
+            txn.put(b"bob", seq(2), db=db["user_log"])
+        for key, value in {"store_format": fmt, "last_seq": seq(2), "checkpoint_seq": seq(1), "model": b"m1"}.items():
+            txn.put(key.encode(), value, db=db["meta"])
+    env.close()
+
+
+@pytest.mark.parametrize("fmt", [b"\x01", b"\x02"])
+def test_single_environment_store_is_upgraded(tmp_path: Path, fmt: bytes) -> None:
     import lmdb
 
     path = tmp_path / "db"
+    _single_environment_store(path, fmt)
+    for _ in range(2):  # the second open finds format 3 and changes nothing
+        with Store(path) as s:
+            assert s.get_meta("store_format") == b"\x03"
+            assert s.get_meta("model") == b"m1" and s.checkpoint_seq() == 1 and s.last_seq() == 2
+            assert [u.user_id for u in s.load_users()] == ["alice"]
+            assert [(it.item_id, it.vector.tolist()) for it in s.load_items()] == [("item-0", make_item(0).vector.tolist())]
+            assert [seq for seq, _ in s.iter_log()] == [1, 2]
+            assert s.stats()["idem"] == 2 and s.stats()["user_log"] == 2
     with Store(path) as s:
-        s.append_log([ev_entry("a")])
-        s.merge_index()  # a format-1 store has every key in the trees
+        assert s.append_log([ev_entry("a"), ev_entry("b"), ev_entry("c")]) == [None, None, 3]
+        assert s.forget_user("bob") == 1  # found through the user index, journaled (format 2) or merged
+        assert [seq for seq, _ in s.iter_log()] == [1, 3]
     env = lmdb.open(str(path), max_dbs=16)
-    meta = env.open_db(b"meta")
-    with env.begin(write=True) as txn:
-        txn.put(b"store_format", b"\x01", db=meta)
+    with env.begin() as txn:  # the moved databases are gone from the log environment
+        assert {key for key, _ in txn.cursor()} == {b"log", b"index_journal", b"meta"}
     env.close()
-    with Store(path) as s:
-        assert s.get_meta("store_format") == b"\x02"
-        assert s.append_log([ev_entry("a"), ev_entry("b")]) == [None, 2]
+
+
+def test_unknown_store_format_is_refused(tmp_path: Path) -> None:
+    import lmdb
+
+    path = tmp_path / "db"
+    Store(path).close()
     env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
         txn.put(b"store_format", b"\x09", db=env.open_db(b"meta", txn=txn))
@@ -589,7 +670,7 @@ def test_concurrent_readers_during_resizes(tmp_path: Path) -> None:
             for t in threads:
                 t.join()
         assert not errors, errors
-        assert s.log_count() == 2000 and s.stats()["map_size"] > 64 << 10
+        assert s.log_count() == 2000 and s._log_env.sizes()[0] > 64 << 10
 
 
 _CHILD = r"""
