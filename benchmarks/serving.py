@@ -94,12 +94,15 @@ def event_to_visible(address: str, trials: int) -> dict:
     return {"p50_ms": float(np.percentile(samples, 50)), "p99_ms": float(np.percentile(samples, 99)), "trials": trials}
 
 
-def measure(name: str, server: ServerProcess, seconds: float, concurrency: int, processes: int) -> list[dict]:
+def measure(name: str, server: ServerProcess, seconds: float, concurrency: int, processes: int,
+            only: list[str] | None = None) -> list[dict]:
     records = []
     address = server.address
     loaded = ["--concurrency", str(concurrency), "--processes", str(processes), "--streams", "4"]
     results: dict[str, dict] = {}
     for scenario, args, floor in SCENARIOS:
+        if only and scenario not in only and not any(f == scenario for s, _, f in SCENARIOS if s in only):
+            continue  # a selected row's floor runs too
         cpu_before = server.cpu_seconds()
         peak = summary(loadtest(address, args, seconds, loaded))
         # Server CPU per message over the whole loadtest run (its 1 s warm-up included, counted at the
@@ -144,6 +147,10 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--server-cpus", type=cpu_list, help="pin the server to these CPUs, e.g. 0 or 0-1")
     parser.add_argument("--client-cpus", type=cpu_list, help="pin this script and the load tester to these CPUs")
+    parser.add_argument("--only", nargs="+", choices=[name for name, _, _ in SCENARIOS], metavar="SCENARIO",
+                        help="run these rows (and their floors) only: " + ", ".join(name for name, _, _ in SCENARIOS))
+    parser.add_argument("--datasets", nargs="+", choices=["synthetic-100k", "ml-100k"], default=["synthetic-100k", "ml-100k"])
+    parser.add_argument("--skip-visible", action="store_true", help="skip the event -> visible measurement")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     if args.client_cpus:
@@ -152,13 +159,15 @@ def main() -> int:
     records, visible = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         datasets = [("synthetic-100k", "none")] + ([] if args.quick else [("ml-100k", "ml-100k")])
-        for name, dataset in datasets:
+        for name, dataset in [d for d in datasets if d[0] in args.datasets]:
             data_dir = Path(tmp) / name
             if dataset == "none":
                 build_synthetic(data_dir, args.items if not args.quick else 10_000, 64)
             server = ServerProcess(data_dir, dataset=dataset, dim=64, cpus=args.server_cpus).start(timeout_s=300)
             try:
-                records += measure(name, server, seconds, args.concurrency, args.processes)
+                records += measure(name, server, seconds, args.concurrency, args.processes, args.only)
+                if args.skip_visible:
+                    continue
                 visible[name] = event_to_visible(server.address, 50 if args.quick else 300)
                 print(f"{name:<14} event -> visible in Recommend: p50 {visible[name]['p50_ms']:.2f} ms, "
                       f"p99 {visible[name]['p99_ms']:.2f} ms", flush=True)

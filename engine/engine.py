@@ -188,29 +188,20 @@ class Engine:
         """Validate now, then queue for the writer; the future completes after commit and apply.
         Lets one stream keep several batches in flight so they share group commits."""
         good, rejected = split_events(events, self.limits)
-        done: Future = Future()
 
-        def finish(outcome: IngestResult) -> None:
+        def finish(outcome: IngestResult) -> IngestResult:
             outcome.rejections = sorted(rejected + outcome.rejections, key=lambda r: r.index)
             self.counters["events_accepted"] += outcome.accepted
             self.counters["events_rejected"] += len(outcome.rejections)
             self.counters["events_duplicate"] += outcome.duplicates
             self.observer.events(outcome.accepted, outcome.duplicates, len(outcome.rejections))
-            done.set_result(outcome)
+            return outcome
 
         if not good:
-            finish(IngestResult(durable_seq=self.state.applied_seq))
+            done: Future = Future()
+            done.set_result(finish(IngestResult(durable_seq=self.state.applied_seq)))
             return done
-
-        def chain(writer_future: Future) -> None:
-            error = writer_future.exception()
-            if error is not None:
-                done.set_exception(error)
-            else:
-                finish(writer_future.result())
-
-        self.writer.submit("events", good).add_done_callback(chain)
-        return done
+        return self.writer.submit("events", good, finish=finish)
 
     def build_query(self, user_id: str, k: int | None, exclude_seen: bool = True, exclude_item_ids=(),
                     include_categories=(), exclude_categories=(), request_id: str = "", user_field: str = "user_id",
@@ -305,7 +296,7 @@ class Engine:
         for op in group:
             result = plan.results[id(op)]
             result.durable_seq = durable
-            op.future.set_result(result)
+            op.complete(result)
 
     def _apply_plan(self, plan: "GroupPlan", seqs: list[int | None]) -> None:
         """Apply what was written, in log order; runs of events (several ops' worth) go to State in one call."""

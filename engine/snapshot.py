@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .gil import yielding
 from .store import ItemRecord, UserRecord
 from .users import HISTORY_DTYPE
 
@@ -30,7 +31,7 @@ class ItemColumns:
                       self.popularity.tolist(), self.last_event_ms.tolist(), self.interactions.tolist())
         return [ItemRecord(item_id=item_id, row=row, categories=categories, attributes=attributes, deleted=not live,
                            vector=vector, popularity=popularity, last_event_ms=last_ms, interactions=interactions)
-                for row, item_id, categories, attributes, live, vector, popularity, last_ms, interactions in columns]
+                for row, item_id, categories, attributes, live, vector, popularity, last_ms, interactions in yielding(columns)]
 
 
 @dataclass
@@ -50,7 +51,7 @@ class UserColumns:
         return [UserRecord(user_id=user_id, vector=vector, seen=_sorted_rows(seen),
                            history=np.fromiter(history, HISTORY_DTYPE, len(history)), event_count=count,
                            last_event_ms=last_ms, positive_count=positive)
-                for user_id, vector, seen, history, count, last_ms, positive in columns]
+                for user_id, vector, seen, history, count, last_ms, positive in yielding(columns)]
 
 
 @dataclass
