@@ -356,7 +356,7 @@ class Engine:
         return self._write_snapshot(self._take_snapshot(), None, started)
 
     def _take_snapshot(self) -> CheckpointSnapshot:
-        with self.lock:  # copies only: a few ms where building the records took ~0.2 s on a 100k-item catalog
+        with self.lock:  # copies only: 50-190 ms with 2k changed users, where the whole checkpoint took ~1.2 s
             snapshot = self.state.checkpoint_snapshot()
         self._last_checkpoint_at = time.monotonic()
         self._records_since_checkpoint = 0

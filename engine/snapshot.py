@@ -1,6 +1,7 @@
-"""What a checkpoint writes, copied out of the live state in a few milliseconds under the engine lock, so that the
-records are built and written on another thread while events keep changing the state (on a 100k-item catalog
-the records and their transaction took ~0.6 s, all of it a stop for the writer and for Recommend)."""
+"""What a checkpoint writes, copied out of the live state under the engine lock, so that the records are built and
+written on another thread while events keep changing the state. On a 100k-item catalog the whole checkpoint took
+~1.2 s, all of it a stop for the writer (and its record building for Recommend); the copy takes 50-190 ms, mostly
+the changed users' seen sets and histories."""
 from __future__ import annotations
 
 from dataclasses import dataclass
