@@ -695,7 +695,8 @@ class Store:
     # --- meta & stats ---
 
     def get_meta(self, key: str) -> bytes | None:
-        env, db = (self._log_env, self._log_meta) if key in _LOG_META and key != _META_FORMAT else (self._state_env, self._meta)
+        # last_seq is the log's; every other key (store_format included, the same in both) is read from the state's
+        env, db = (self._log_env, self._log_meta) if key == _META_LAST_SEQ else (self._state_env, self._meta)
         with env.read() as txn:
             return txn.get(key.encode("utf-8"), db=db)
 
