@@ -41,30 +41,42 @@ def query_from(engine: Engine, request: recommend_pb2.RecommendRequest) -> Recom
     )
 
 
+def set_served_by(served_by: common_pb2.ServedBy, engine: Engine) -> None:
+    served_by.model_version = engine.model_version
+    served_by.embedding_version = engine.state.embedding_version
+    served_by.applied_seq = engine.state.applied_seq
+    served_by.backend = engine.backend.name
+
+
 def served_by(engine: Engine) -> common_pb2.ServedBy:
-    return common_pb2.ServedBy(
-        model_version=engine.model_version,
-        embedding_version=engine.state.embedding_version,
-        applied_seq=engine.state.applied_seq,
-        backend=engine.backend.name,
-    )
+    message = common_pb2.ServedBy()
+    set_served_by(message, engine)
+    return message
 
 
-def scored_items(result: Recommendation) -> list[common_pb2.ScoredItem]:
+def add_scored_items(items, result: Recommendation) -> None:
+    """Fills a response's repeated ScoredItem field in place. Built inside the response with add(): building
+    ScoredItem messages and passing the list copies each one again (26 -> 14 us for 10 items, upb)."""
     scores = result.scores.tolist()  # Python floats: converting numpy scalars one by one costs more
     retrieval = scores if result.retrieval_scores is None else result.retrieval_scores.tolist()
-    return [
-        common_pb2.ScoredItem(item_id=i, score=s, retrieval_score=r, categories=c)
-        for i, s, r, c in zip(result.item_ids, scores, retrieval, result.categories)
-    ]
+    add = items.add
+    for item_id, score, retrieval_score, categories in zip(result.item_ids, scores, retrieval, result.categories):
+        add(item_id=item_id, score=score, retrieval_score=retrieval_score, categories=categories)
 
 
 def recommend_response(engine: Engine, result: Recommendation, latency_us: int) -> recommend_pb2.RecommendResponse:
-    response = recommend_pb2.RecommendResponse(
-        request_id=result.request_id, user_id=result.user_id, items=scored_items(result),
-        strategy=result.strategy, served_by=served_by(engine), server_latency_us=latency_us,
-    )
+    response = recommend_pb2.RecommendResponse(request_id=result.request_id, user_id=result.user_id,
+                                               strategy=result.strategy, server_latency_us=latency_us)
+    add_scored_items(response.items, result)
+    set_served_by(response.served_by, engine)
     response.served_by.reranker = result.reranker
+    return response
+
+
+def similar_items_response(engine: Engine, result: Recommendation, item_id: str, latency_us: int) -> recommend_pb2.SimilarItemsResponse:
+    response = recommend_pb2.SimilarItemsResponse(request_id=result.request_id, item_id=item_id, server_latency_us=latency_us)
+    add_scored_items(response.items, result)
+    set_served_by(response.served_by, engine)
     return response
 
 

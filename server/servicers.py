@@ -11,7 +11,7 @@ import grpc
 from streamrec.engine.engine import Engine, IngestResult
 from streamrec.engine.errors import EngineError, InvalidArgument, Unavailable
 from streamrec.engine.validation import Rejection
-from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc,
+from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2_grpc,
                           recommend_pb2, recommend_pb2_grpc)
 
 from . import convert
@@ -200,9 +200,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
             request_id=request.request_id, user_field="item_id",
         )
         result = engine.similar_items(query, request.item_id)
-        return recommend_pb2.SimilarItemsResponse(
-            request_id=request.request_id, item_id=request.item_id, items=convert.scored_items(result),
-            served_by=convert.served_by(engine), server_latency_us=_micros_since(started))
+        return convert.similar_items_response(engine, result, request.item_id, _micros_since(started))
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):

@@ -94,6 +94,26 @@ def test_append_records_keeps_the_append_log_contract(tmp_path):
     store.close()
 
 
+def test_durable_seq_is_the_log_end_when_a_group_ends_in_duplicates(tmp_path):
+    """The writer takes durable_seq from the group's last written seq instead of reading the log back: a
+    trailing duplicate (no seq) and an all-duplicate group must still report the log's end."""
+    engine = Engine(tmp_path, CONFIG)
+    seed_engine(engine, synthetic(n_users=10, n_items=20, n_clusters=2, events_per_user=3))
+    now = 1_710_000_000_000
+
+    def event(event_id, item):
+        return Event(event_id, "u1", item, EventType.CLICK, 1.0, now)
+
+    first = engine.ingest([event("d0", "i1"), event("d1", "i2")])
+    assert first.durable_seq == engine.store.last_seq() == first.first_seq + 1
+    trailing = engine.ingest([event("d2", "i3"), event("d0", "i1")])
+    assert (trailing.accepted, trailing.duplicates) == (1, 1)
+    assert trailing.durable_seq == engine.store.last_seq() == first.durable_seq + 1
+    only = engine.ingest([event("d1", "i2")])
+    assert (only.accepted, only.duplicates, only.durable_seq) == (0, 1, trailing.durable_seq)
+    engine.close()
+
+
 def test_a_mixed_group_commit_answers_and_replays_as_before(tmp_path):
     engine = Engine(tmp_path, CONFIG)
     seed_engine(engine, synthetic(n_users=30, n_items=50, n_clusters=3, events_per_user=5))
