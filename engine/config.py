@@ -46,9 +46,10 @@ class EngineConfig:
     popularity_half_life_days: float = 14.0
     checkpoint_interval_s: float = 30.0
     checkpoint_every_records: int = 50_000
-    # A checkpoint stops the writer for as long as it takes (a 100k-item catalog: ~0.5 s to rewrite the items that
-    # changed). Under sustained ingest the records trigger above waits until the writer has run 1/share times as
-    # long as the last checkpoint took, so checkpoints take at most this share of its time; the log replays the rest.
+    # A checkpoint runs on its own thread but still costs CPU (a 100k-item catalog: ~1 s to rewrite the items that
+    # changed) and stops the writer for its snapshot. Under sustained ingest the records trigger above waits until
+    # 1/share times as long as the last checkpoint took has passed, so checkpoints take at most this share of the
+    # time; the log replays the rest.
     checkpoint_max_share: float = 0.1
     commit_queue_size: int = 4096  # pending write operations before RESOURCE_EXHAUSTED
     max_group_ops: int = 512  # operations folded into one LMDB transaction

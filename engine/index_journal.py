@@ -106,7 +106,7 @@ class PendingIndex:
         with self._replacing:
             self.generations = tuple(g for g in self.generations if id(g) not in gone)
 
-    def present(self, keys: Iterable[bytes | None]) -> set[bytes]:
+    def present(self, keys: Sequence[bytes | None]) -> set[bytes]:
         """The keys held by any generation (the caller reads the tree only after this, so a generation dropped
         in between had already committed its merge)."""
         found: set[bytes] = set()

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gil import yielding
-from .store import ItemRecord, UserRecord
-from .users import HISTORY_DTYPE
+from .store import HISTORY_DTYPE, ItemRecord, UserRecord
 
 
 @dataclass

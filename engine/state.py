@@ -15,9 +15,9 @@ from .cpu.update import apply_events as apply_update_kernel
 from .online import (GRAM_SCALE, OnlineArrays, OnlineParams, fold_in_exact, gram_fixed, history_weights,
                      signed_strength)
 from .snapshot import CheckpointSnapshot, ItemColumns, UserColumns
-from .store import ItemRecord, UserRecord
+from .store import HISTORY_DTYPE, ItemRecord, UserRecord
 from .types import Event, ItemSpec, event_weight, event_weights, is_positive
-from .users import HISTORY_DTYPE, UserTable
+from .users import UserTable
 
 
 def event_strengths(types, values) -> np.ndarray:

@@ -637,7 +637,6 @@ class Store:
         with self._state_env.read() as txn:
             return [_unpack_user(raw) for _, raw in txn.cursor(db=self._users).iternext()]
 
-
     # --- erasure ---
 
     def forget_user(self, user_id: str) -> int:

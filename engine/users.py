@@ -10,7 +10,6 @@ import numpy as np
 from .catalog import _grow
 
 _SEEN_CACHE_ROWS = 8 << 20  # seen rows kept as arrays between requests, all users together (64 MiB)
-HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
 
 
 class UserTable:
@@ -147,7 +146,3 @@ class UserTable:
             self._seen_arrays[row] = cached
             self._seen_cached_rows += len(seen)
         return cached[1]
-
-    def history_array(self, row: int) -> np.ndarray:
-        history = self.history[row]
-        return np.fromiter(history, HISTORY_DTYPE, len(history))
