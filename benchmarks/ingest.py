@@ -31,15 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from streamrec.engine import codec
+from streamrec.engine.api import Event, EventType, IngestResult, ItemSpec, Rejection
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
-from streamrec.engine.engine import DeleteResult, Engine, IngestResult, UpsertResult
-from streamrec.engine.seeding import seed_engine
-from streamrec.engine.state import State, event_strengths
-from streamrec.engine.store import _META_LAST_SEQ, _SEQ, LogEntry, Store, _key
-from streamrec.engine.types import Event, EventType, ItemSpec, event_weight, is_positive
-from streamrec.engine.validation import Rejection
+from streamrec.engine.engine import DeleteResult, Engine, UpsertResult
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.signals import event_strengths, event_weight, is_positive
+from streamrec.engine.state.state import State
+from streamrec.engine.store import codec
+from streamrec.engine.store.store import _META_LAST_SEQ, _SEQ, LogEntry, Store, _key
 
 TARGET = 100_000  # events/s, issue 6 (through the gRPC server, 100 events per message)
 
@@ -75,7 +75,7 @@ def legacy_append_log(store: Store, entries: list[LogEntry]) -> list[int | None]
 
 def legacy_apply_events(state: State, events: list[Event]) -> None:
     """State.apply_events before issue 6: per-event Python bookkeeping after the kernel."""
-    from streamrec.engine.cpu.update import apply_events as apply_update_kernel
+    from streamrec.engine.cpu.online import apply_events as apply_update_kernel
 
     if not events:
         return

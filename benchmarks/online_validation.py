@@ -6,10 +6,12 @@
 import dataclasses
 import tempfile
 from pathlib import Path
-from streamrec.engine import datasets, evaluation as ev
+
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import seed_engine
+from streamrec.engine.offline import datasets
+from streamrec.engine.offline import evaluation as ev
+from streamrec.engine.offline.seeding import seed_engine
 
 full = datasets.load_ml100k()
 train80, _ = ev.time_split(full, 0.8)

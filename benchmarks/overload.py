@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from serving import loadtest  # benchmarks/serving.py: one load-tester run, its JSON report
+
 from streamrec.server.process import ServerProcess
 
 UNBOUNDED = 1_000_000

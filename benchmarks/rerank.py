@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reranker latency: 200 retrieved candidates per request x batch sizes {1, 16, 64}, on the shipped model.
 
-An engine seeded with ML-100K (the demo data set) and the shipped reranker (engine/models/ml100k-reranker.onnx)
+An engine seeded with ML-100K (the demo data set) and the shipped reranker (engine/rerank/models/ml100k-reranker.onnx)
 gives real users, real candidates and real feature values. Per batch size it times, interleaved repeat by
 repeat (other load hits all of them alike):
 
@@ -38,9 +38,15 @@ import numpy as np
 
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
-from streamrec.engine.rerank_features import ItemArrays, build_features, build_features_numpy, capture_user, state_clock_ms
-from streamrec.engine.reranker import SHIPPED_MODEL
-from streamrec.engine.seeding import load_dataset, seed_engine
+from streamrec.engine.offline.seeding import load_dataset, seed_engine
+from streamrec.engine.rerank.features import (
+    ItemArrays,
+    build_features,
+    build_features_numpy,
+    capture_user,
+    state_clock_ms,
+)
+from streamrec.engine.rerank.reranker import SHIPPED_MODEL
 
 
 def onnx_weights(path: Path) -> dict[str, np.ndarray]:
@@ -107,7 +113,7 @@ def torch_peer(path: Path):
         import torch
     except ImportError:
         return None
-    from streamrec.engine.rerank_training import TrainConfig, build_model
+    from streamrec.engine.offline.rerank_training import TrainConfig, build_model
 
     meta = json.loads(path.with_suffix(".json").read_text())
     config = meta["model"]

@@ -25,12 +25,12 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from streamrec.engine.api import RecommendQuery
 from streamrec.engine.config import EngineConfig  # noqa: E402
-from streamrec.engine.datasets import load_ml100k, synthetic  # noqa: E402
 from streamrec.engine.engine import Engine  # noqa: E402
-from streamrec.engine.retrieval import RecommendQuery  # noqa: E402
-from streamrec.engine.seeding import seed_engine  # noqa: E402
-from streamrec.engine.topk import NumpyTopK  # noqa: E402
+from streamrec.engine.offline.datasets import load_ml100k, synthetic  # noqa: E402
+from streamrec.engine.offline.seeding import seed_engine  # noqa: E402
+from streamrec.engine.retrieval.topk import NumpyTopK  # noqa: E402
 
 
 def timed(fn, calls: int, repeat: int) -> float:

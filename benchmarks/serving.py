@@ -29,10 +29,9 @@ import numpy as np
 
 from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
-from streamrec.engine.seeding import STORE_FOLDER
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import seed_engine
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import STORE_FOLDER, seed_engine
 from streamrec.server.process import ServerProcess
 
 WARMUP_S = 1

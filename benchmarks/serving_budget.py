@@ -36,7 +36,7 @@ from serving import build_synthetic, loadtest  # noqa: E402
 
 from streamrec.engine.config import EngineConfig  # noqa: E402
 from streamrec.engine.engine import Engine  # noqa: E402
-from streamrec.engine.seeding import STORE_FOLDER, open_engine  # noqa: E402
+from streamrec.engine.offline.seeding import STORE_FOLDER, open_engine  # noqa: E402
 from streamrec.server import convert  # noqa: E402
 from streamrec.server.process import ServerProcess  # noqa: E402
 from streamrec.v1 import events_pb2, recommend_pb2  # noqa: E402

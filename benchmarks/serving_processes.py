@@ -9,7 +9,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
 from streamrec.server.process import ServerProcess, free_port
+
 
 def load(address, scenario):
     subprocess.run([sys.executable, "-m", "streamrec.clients.loadtest", "--address", address, "--scenario", scenario,

@@ -3,7 +3,7 @@
 
 Every figure comes with the exact command, the hardware and the peer measured beside it (FAISS style):
 
-* streamrec backends, whatever `streamrec.engine.topk.BACKENDS` holds when this runs (numpy reference,
+* streamrec backends, whatever `streamrec.engine.retrieval.topk.BACKENDS` holds when this runs (numpy reference,
   numba, cuda; the cuda backend is timed on its resident path `DeviceItemMatrix` + `search_resident`);
 * peers: NumPy (Q @ X.T per item chunk + argpartition + sort), faiss-cpu IndexFlatIP with its BLAS
   dispatch parameters tuned per (d, B, k) on a small pre-run, torch (CPU: `torch.topk(Q @ X.T)`); with
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.engine import topk as st
+from streamrec.engine.retrieval import topk as st
 
 # Optional modules: each one that is missing just drops the implementations that need it.
 _OPTIONAL = {}
@@ -822,7 +822,7 @@ def discover(args: argparse.Namespace, notes: list[str]) -> list[Impl]:
 
     impls: list[Impl] = []
     if args.gpu and not any(n in st.BACKENDS for n in ("cuda", "cupy", "gpu")):
-        notes.append("no GPU backend in streamrec.engine.topk.BACKENDS (yet): no streamrec GPU row")
+        notes.append("no GPU backend in streamrec.engine.retrieval.topk.BACKENDS (yet): no streamrec GPU row")
     for name, factory in st.BACKENDS.items():
         is_gpu = name in ("cuda", "cupy", "gpu") or ".gpu" in getattr(factory, "__module__", "")
         label = f"streamrec-{name}"

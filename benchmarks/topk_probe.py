@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from streamrec.engine.cpu.topk import NumbaTopK, warmup
-from streamrec.engine.topk import Filters, NumpyTopK
+from streamrec.engine.retrieval.topk import Filters, NumpyTopK
 
 
 @njit(parallel=True, fastmath=True, nogil=True)

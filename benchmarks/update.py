@@ -27,9 +27,16 @@ import time
 import numpy as np
 
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.cpu.update import apply_events
-from streamrec.engine.online import (OnlineArrays, OnlineParams, apply_events_reference, gram_fixed, gram_float,
-                                     history_weights, signed_strength)
+from streamrec.engine.cpu.online import apply_events
+from streamrec.engine.signals import signed_strength
+from streamrec.engine.state.online import (
+    OnlineArrays,
+    OnlineParams,
+    apply_events_reference,
+    gram_fixed,
+    gram_float,
+    history_weights,
+)
 
 TARGET = 100_000  # events/s
 

@@ -23,10 +23,20 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from streamrec.clients.client import (
+    DEFAULT_RETRY,
+    NO_RETRY,
+    RetryPolicy,
+    StreamrecClient,
+    StreamResult,
+    _backoff_or_raise,
+    _remaining,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+    uses_tls,
+)
 from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
-
-from .client import (DEFAULT_RETRY, NO_RETRY, RetryPolicy, StreamResult, StreamrecClient, _backoff_or_raise, _remaining,
-                     auth_metadata, channel_credentials, channel_options, uses_tls)
 
 T = TypeVar("T")
 

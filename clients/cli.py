@@ -9,9 +9,8 @@ import sys
 import grpc
 from google.protobuf import json_format
 
+from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.v1 import catalog_pb2
-
-from .client import StreamrecClient, make_event
 
 DEFAULT_ADDRESS = os.environ.get("STREAMREC_ADDRESS", "127.0.0.1:50051")
 
@@ -48,7 +47,7 @@ def cmd_similar(args, client: StreamrecClient) -> None:
 
 def _file_events(path: str, id_prefix: str):
     """Events from a CSV/Parquet log, with ids PREFIX<row> so that loading the file twice is a no-op."""
-    from streamrec.engine.datasets import load_interactions_file
+    from streamrec.engine.offline.datasets import load_interactions_file
 
     log = load_interactions_file(path)
     return [make_event(str(u), str(i), int(t), float(v), int(ts), event_id=f"{id_prefix}{n}")
@@ -106,7 +105,7 @@ def cmd_health(args, client: StreamrecClient) -> None:
 
 
 def cmd_loadtest(args, client: StreamrecClient) -> None:
-    from . import loadtest
+    from streamrec.clients import loadtest
 
     if loadtest.run(args):
         raise SystemExit(1)
@@ -184,7 +183,7 @@ def register(subparsers) -> None:
     p = add("health", cmd_health, "health status (SERVING / NOT_SERVING)")
     p.add_argument("--service", default="")
 
-    from . import loadtest
+    from streamrec.clients import loadtest
 
     p = subparsers.add_parser("loadtest", help="load-test a running server (python -m streamrec.clients.loadtest -h)",
                               description=loadtest.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

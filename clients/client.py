@@ -37,8 +37,17 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, common_pb2, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2,
-                          events_pb2_grpc, recommend_pb2, recommend_pb2_grpc)
+from streamrec.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    common_pb2,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 EVENT_TYPES = {name.removeprefix("EVENT_TYPE_").lower(): value for name, value in common_pb2.EventType.items() if value}
 

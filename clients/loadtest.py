@@ -51,10 +51,16 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from streamrec.v1 import diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
-
-from .aio import make_aio_channel
-from .client import StreamrecClient, auth_metadata
+from streamrec.clients.aio import make_aio_channel
+from streamrec.clients.client import StreamrecClient, auth_metadata
+from streamrec.v1 import (
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 DEFAULT_ADDRESS = os.environ.get("STREAMREC_ADDRESS", "127.0.0.1:50051")
 # ping / ping-stream do no server work: the floors the real scenarios are compared against.
@@ -577,7 +583,8 @@ class Progress:
             self._bar = tqdm(total=round(total_s, 1), unit="s", desc="loadtest", file=sys.stderr,
                              bar_format="{desc} {bar} {n:.1f}/{total:.1f} s {postfix}")
         elif self.kind == "rich":
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
             self._bar = RichProgress(TextColumn("loadtest"), BarColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                                      transient=False)
             self._bar.start()

@@ -11,55 +11,42 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import codec
-from .batcher import MicroBatcher
-from .commit_plan import DeleteResult, GroupPlan, IngestResult, UpsertResult, count_accepted
-from .config import EngineConfig
-from .cpu.update import warmup as warm_update_kernel
-from .errors import InvalidArgument, NotFound
-from .observer import EngineObserver
-from .rerank_features import ItemArrays, state_clock_ms
-from .reranker import Reranker, RerankerRejected
-from .retrieval import Recommendation, RecommendQuery, Retriever
-from .snapshot import CheckpointSnapshot
-from .state import State
-from .store import LogEntry, Store
-from .topk import get_backend
-from .types import Event, ItemSpec
-from .validation import check_id, check_id_list, check_item_spec, check_k, split_events
-from .writer import GroupCommitWriter, Op
+from streamrec.engine.api import (
+    DeleteResult,
+    Event,
+    IngestResult,
+    ItemSpec,
+    ItemView,
+    Recommendation,
+    RecommendQuery,
+    UpsertResult,
+    UserView,
+)
+from streamrec.engine.config import EngineConfig
+from streamrec.engine.cpu.online import warmup as warm_update_kernel
+from streamrec.engine.errors import InvalidArgument, NotFound
+from streamrec.engine.observer import EngineObserver
+from streamrec.engine.rerank.features import ItemArrays, state_clock_ms
+from streamrec.engine.rerank.reranker import Reranker, RerankerRejected
+from streamrec.engine.retrieval.batcher import MicroBatcher
+from streamrec.engine.retrieval.retriever import Retriever
+from streamrec.engine.retrieval.topk import get_backend
+from streamrec.engine.state.snapshot import CheckpointSnapshot
+from streamrec.engine.state.state import State
+from streamrec.engine.store import codec
+from streamrec.engine.store.store import LogEntry, Store
+from streamrec.engine.validation import check_id, check_id_list, check_item_spec, check_k, split_events
+from streamrec.engine.write.group_commit import GroupPlan, count_accepted
+from streamrec.engine.write.writer import GroupCommitWriter, Op
 
 log = logging.getLogger(__name__)
 
 _MODEL_VERSION_KEY = "model_version"
 _DIM_KEY = "dim"
-
-
-@dataclass
-class ItemView:
-    item_id: str
-    categories: list[str]
-    attributes: dict[str, str]
-    vector: np.ndarray
-    deleted: bool
-    interactions: int
-    popularity: float
-    last_event_ms: int
-
-
-@dataclass
-class UserView:
-    user_id: str
-    vector: np.ndarray  # unit query vector (zeros when the user has no positive interest yet)
-    history: list[tuple[str, int, float, int]]  # (item_id, type, value, timestamp_ms), most recent first
-    event_count: int
-    seen_items: int
-    last_event_ms: int
 
 
 class Engine:

@@ -23,3 +23,7 @@ class ResourceExhausted(EngineError):
 
 class Unavailable(EngineError):
     pass
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed while its request waited; the work was skipped."""

@@ -4,25 +4,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from .config import Limits
-from .errors import InvalidArgument
-from .types import Event, EventType, ItemSpec
+from streamrec.engine.api import Event, EventType, ItemSpec, Rejection
+from streamrec.engine.config import Limits
+from streamrec.engine.errors import InvalidArgument
 
 _VALID_TYPES = frozenset(int(t) for t in EventType)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")  # a C-level scan: ids are checked on every event
-
-
-@dataclass(slots=True)
-class Rejection:
-    index: int
-    event_id: str
-    field: str
-    reason: str
 
 
 def id_problem(value: str, limits: Limits) -> str | None:

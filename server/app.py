@@ -22,15 +22,28 @@ from grpc_reflection.v1alpha import reflection
 
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import open_engine
-from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2, events_pb2_grpc,
-                          recommend_pb2, recommend_pb2_grpc)
-
-from .auth import AuthInterceptor, TokenTable
-from .convert import RequestDecodeInterceptor
-from .metrics import Metrics, MetricsInterceptor
-from .servicers import CatalogServicer, DiagnosticsServicer, EngineHolder, EventServicer, RecommendServicer
-from .tls import server_credentials, tls_files
+from streamrec.engine.offline.seeding import open_engine
+from streamrec.server.auth import AuthInterceptor, TokenTable
+from streamrec.server.convert import RequestDecodeInterceptor
+from streamrec.server.metrics import Metrics, MetricsInterceptor
+from streamrec.server.servicers import (
+    CatalogServicer,
+    DiagnosticsServicer,
+    EngineHolder,
+    EventServicer,
+    RecommendServicer,
+)
+from streamrec.server.tls import server_credentials, tls_files
+from streamrec.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 

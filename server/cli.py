@@ -9,10 +9,9 @@ from pathlib import Path
 
 from streamrec.clients import cli as client_cli
 from streamrec.engine.config import EngineConfig
-
-from . import auth, evaluate_cli, rerank_cli, train_cli
-from .app import ServerConfig, StreamrecServer
-from .tls import TlsConfigError
+from streamrec.server import auth, evaluate_cli, rerank_cli, train_cli
+from streamrec.server.app import ServerConfig, StreamrecServer
+from streamrec.server.tls import TlsConfigError
 
 
 def _env(name: str, default):

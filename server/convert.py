@@ -4,9 +4,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from streamrec.engine.engine import Engine, IngestResult, ItemView, UserView
-from streamrec.engine.retrieval import Recommendation, RecommendQuery
-from streamrec.engine.types import Event, ItemSpec
+from streamrec.engine.api import Event, IngestResult, ItemSpec, ItemView, Recommendation, RecommendQuery, UserView
+from streamrec.engine.engine import Engine
 from streamrec.v1 import catalog_pb2, common_pb2, events_pb2, recommend_pb2
 
 

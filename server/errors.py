@@ -7,8 +7,14 @@ import logging
 
 import grpc
 
-from streamrec.engine.batcher import DeadlineExceeded
-from streamrec.engine.errors import EngineError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from streamrec.engine.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 

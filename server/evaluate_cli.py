@@ -1,5 +1,5 @@
 """`streamrec evaluate` (and benchmarks/quality.py, which runs the same code): the prequential comparison
-of issue 4 in one run. The protocol and the models live in streamrec.engine.evaluation; this module builds
+of issue 4 in one run. The protocol and the models live in streamrec.engine.offline.evaluation; this module builds
 the models, runs them on the same replay, prints the table, writes JSON and the rolling-HR plot, and with
 --served replays streamrec once more through a real `streamrec serve` subprocess (events on the
 bidirectional stream, acks awaited before the next Recommend) and checks it gives the same numbers.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamrec.engine import evaluation as ev
-from streamrec.engine.types import Dataset, Event
+from streamrec.engine.api import Event
+from streamrec.engine.offline import evaluation as ev
+from streamrec.engine.offline.datasets import Dataset
 
 MODELS = ("popularity", "bootstrap", "online", "als", "bpr", "als-refit")
 NAMES = {
@@ -83,14 +84,14 @@ def _say(message: str) -> None:
 
 
 def load_dataset(name: str, seed: int) -> Dataset:
-    from streamrec.engine import datasets
+    from streamrec.engine.offline import datasets
 
     return datasets.load_ml100k() if name == "ml-100k" else datasets.synthetic(seed=seed)
 
 
 def _seed_store(train: Dataset, folder: Path, config, seed: int) -> None:
     from streamrec.engine.engine import Engine
-    from streamrec.engine.seeding import seed_engine
+    from streamrec.engine.offline.seeding import seed_engine
 
     with Engine(folder / "lmdb", config) as engine:
         seed_engine(engine, train, seed)

@@ -1,7 +1,7 @@
 """`streamrec train-reranker`: build impressions from the event log, train the reranking network with
 PyTorch (extra `train`), export it to ONNX with checks, and measure its lift on the held-out part.
 
-    streamrec train-reranker                       # ML-100K -> engine/models/ml100k-reranker.onnx (+ .json)
+    streamrec train-reranker                       # ML-100K -> engine/rerank/models/ml100k-reranker.onnx (+ .json)
     streamrec train-reranker --out /tmp/r.onnx --no-lift --epochs 5
 
 The serving side (engine/reranker.py) never imports torch; this command does (lazily, here).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from streamrec.engine.reranker import SHIPPED_MODEL
+    from streamrec.engine.rerank.reranker import SHIPPED_MODEL
 
     p = subparsers.add_parser("train-reranker", help="train the ONNX reranking model from the event log (needs torch: extra 'train')",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,14 +36,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     try:
-        import torch  # noqa: F401
         import onnx  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as error:
         print(f"error: train-reranker needs the training extra ({error.name} is missing): "
               "pip install -e '.[train]'  (torch==2.13.0 CPU build, onnx)", file=sys.stderr)
         return 2
-    from streamrec.engine.rerank_training import TrainConfig, train_reranker
-    from streamrec.engine.seeding import load_dataset
+    from streamrec.engine.offline.rerank_training import TrainConfig, train_reranker
+    from streamrec.engine.offline.seeding import load_dataset
 
     overrides = {name: getattr(args, name) for name in ("dim", "candidates", "seed_fraction", "train_fraction", "seed",
                                                           "threads", "backend") if getattr(args, name) is not None}
@@ -63,7 +63,7 @@ def serving_model_path(choice: str, dim: int) -> str | None:
     """`serve --reranker`: a path, 'none', or 'default' (the shipped model when it fits this dimension)."""
     import logging
 
-    from streamrec.engine.reranker import SHIPPED_MODEL, sidecar_path
+    from streamrec.engine.rerank.reranker import SHIPPED_MODEL, sidecar_path
 
     if choice in ("", "none"):
         return None

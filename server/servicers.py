@@ -8,14 +8,20 @@ from concurrent.futures import Future
 
 import grpc
 
-from streamrec.engine.engine import Engine, IngestResult
+from streamrec.engine.api import IngestResult, Rejection
+from streamrec.engine.engine import Engine
 from streamrec.engine.errors import EngineError, InvalidArgument, Unavailable
-from streamrec.engine.validation import Rejection
-from streamrec.v1 import (catalog_pb2, catalog_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, events_pb2_grpc,
-                          recommend_pb2, recommend_pb2_grpc)
-
-from . import convert
-from .errors import status_of, streaming, unary
+from streamrec.server import convert
+from streamrec.server.errors import status_of, streaming, unary
+from streamrec.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    events_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 # Batches one StreamEvents call may have queued for commit before the server stops reading from it:
 # enough to fill group commits, few enough that a client that never reads acks cannot pile up memory.

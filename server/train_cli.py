@@ -23,7 +23,7 @@ def _env(name: str, default):
 
 
 def register(subparsers) -> None:
-    from streamrec.engine.training import DEFAULTS
+    from streamrec.engine.offline.training import DEFAULTS
 
     p = subparsers.add_parser("train", help="train the bootstrap model offline and write it into a new data dir")
     source = p.add_mutually_exclusive_group()
@@ -48,8 +48,8 @@ def register(subparsers) -> None:
 
 
 def _load(args):
-    from streamrec.engine import datasets
-    from streamrec.engine.types import Dataset
+    from streamrec.engine.offline import datasets
+    from streamrec.engine.offline.datasets import Dataset
 
     if args.events is not None:
         interactions = datasets.load_interactions_file(args.events)
@@ -71,8 +71,8 @@ def _print_history(history: list[dict]) -> None:
 def run(args) -> int:
     from streamrec.engine.config import EngineConfig
     from streamrec.engine.engine import Engine
-    from streamrec.engine.seeding import STORE_FOLDER, seed_trained
-    from streamrec.engine.training import leave_last_out, train
+    from streamrec.engine.offline.seeding import STORE_FOLDER, seed_trained
+    from streamrec.engine.offline.training import leave_last_out, train
 
     store_dir = args.data_dir / STORE_FOLDER
     if not args.dry_run and (store_dir / "data.mdb").exists():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from streamrec.clients.client import StreamrecClient
-from streamrec.engine.batcher import DeadlineExceeded, MicroBatcher
+from streamrec.engine.errors import DeadlineExceeded
+from streamrec.engine.retrieval.batcher import MicroBatcher
 
 
 def test_lone_request_does_not_wait():

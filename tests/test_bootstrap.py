@@ -3,10 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamrec.engine import bootstrap
-from streamrec.engine.bootstrap import Factors, confidence_matrix, event_confidences, factorize
-from streamrec.engine.datasets import build_interactions, load_ml100k, synthetic, synthetic_truth
-from streamrec.engine.types import EventType, Interactions, is_positive
+from streamrec.engine.api import EventType
+from streamrec.engine.offline import svd as bootstrap
+from streamrec.engine.offline.datasets import Interactions, build_interactions, load_ml100k, synthetic, synthetic_truth
+from streamrec.engine.offline.svd import Factors, confidence_matrix, factorize
+from streamrec.engine.signals import event_confidences, is_positive
 
 
 def subset(it: Interactions, mask: np.ndarray) -> Interactions:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from streamrec.engine.retrieval import Recommendation
+from streamrec.engine.api import Recommendation
 from streamrec.server import convert
 
 ENGINE = SimpleNamespace(model_version="ials-test-d8", backend=SimpleNamespace(name="numba"),

@@ -8,9 +8,8 @@ import grpc
 import pytest
 
 from streamrec.clients.client import StreamrecClient, make_event
-from streamrec.v1 import events_pb2
-
 from streamrec.server.process import ServerProcess
+from streamrec.v1 import events_pb2
 
 
 def stream_until_killed(address: str, acked: list[str], stop: threading.Event, prefix: str) -> None:

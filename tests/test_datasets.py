@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrec.engine import datasets
-from streamrec.engine.datasets import (
+from streamrec.engine.api import EventType
+from streamrec.engine.offline import datasets
+from streamrec.engine.offline.datasets import (
     SYNTHETIC_EPOCH_MS,
     SYNTHETIC_SPAN_MS,
+    Interactions,
     load_interactions_file,
     load_ml100k,
     synthetic,
     synthetic_truth,
 )
-from streamrec.engine.types import EventType, Interactions
 
 COLUMNS = ("user_ids", "item_ids", "types", "values", "timestamps_ms")
 

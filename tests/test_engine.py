@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamrec.engine.api import Event, EventType, ItemSpec
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import open_engine, seed_engine
-from streamrec.engine.types import Event, EventType, ItemSpec
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import open_engine, seed_engine
 
 CONFIG = EngineConfig(dim=16, checkpoint_interval_s=3600, checkpoint_every_records=10**9)
 

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from streamrec.engine import evaluation as ev
+from streamrec.engine.api import EventType
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import build_interactions, synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import seed_engine
-from streamrec.engine.types import Dataset, EventType
+from streamrec.engine.offline import evaluation as ev
+from streamrec.engine.offline.datasets import Dataset, build_interactions, synthetic
+from streamrec.engine.offline.seeding import seed_engine
 from streamrec.server import evaluate_cli
 
 R = EventType.RATING

@@ -23,10 +23,10 @@ SCRIPT = f"K, DEEP_K = {K}, {DEEP_K}\n" + textwrap.dedent('''
         from cudasim_shared_fix import patch_shared_arrays
         patch_shared_arrays()  # the simulator's own race, not the kernel's: see tests/cudasim_shared_fix.py
     from streamrec.engine.config import EngineConfig
-    from streamrec.engine.datasets import synthetic
+    from streamrec.engine.offline.datasets import synthetic
     from streamrec.engine.engine import Engine
-    from streamrec.engine.seeding import seed_engine
-    from streamrec.engine.types import Event, EventType, ItemSpec
+    from streamrec.engine.offline.seeding import seed_engine
+    from streamrec.engine.api import Event, EventType, ItemSpec
 
     def run(backend, k):
         with tempfile.TemporaryDirectory() as tmp:

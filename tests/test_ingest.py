@@ -9,15 +9,16 @@ import time
 import numpy as np
 import pytest
 
-from streamrec.engine import codec
-from streamrec.engine.catalog import ItemCatalog
+from streamrec.engine.api import Event, EventType, ItemSpec
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.seeding import seed_engine
-from streamrec.engine.store import LogEntry, Store
-from streamrec.engine.types import Event, EventType, ItemSpec, event_weight, event_weights, is_positive
-from streamrec.engine.users import UserTable
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.signals import event_weight, event_weights, is_positive
+from streamrec.engine.state.catalog import ItemCatalog
+from streamrec.engine.state.users import UserTable
+from streamrec.engine.store import codec
+from streamrec.engine.store.store import LogEntry, Store
 
 CONFIG = EngineConfig(dim=16, backend="numpy", checkpoint_interval_s=3600, checkpoint_every_records=10**9)
 

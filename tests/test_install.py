@@ -30,7 +30,7 @@ def test_installed_optional_packages_import(dist, module):
 
 def test_serving_never_imports_torch():
     # Not scipy: numba itself imports it whenever it is installed (the `implicit` peer brings it in).
-    code = ("import sys, streamrec.server.app, streamrec.clients.client, streamrec.engine.seeding; "
+    code = ("import sys, streamrec.server.app, streamrec.clients.client, streamrec.engine.offline.seeding; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pandas', 'onnx', 'implicit')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == "[]"

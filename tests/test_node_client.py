@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from streamrec.clients.client import StreamrecClient
-from streamrec.engine.datasets import synthetic_truth
+from streamrec.engine.offline.datasets import synthetic_truth
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 CATEGORY = "c4"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamrec.engine.api import Event, EventType, ItemSpec
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic, synthetic_truth
 from streamrec.engine.engine import Engine
-from streamrec.engine.online import gram_fixed
-from streamrec.engine.seeding import seed_engine
-from streamrec.engine.types import Event, EventType, ItemSpec
+from streamrec.engine.offline.datasets import synthetic, synthetic_truth
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.state.online import gram_fixed
 
 CONFIG = EngineConfig(dim=16, backend="numpy", checkpoint_interval_s=3600, checkpoint_every_records=10**9, sync=False)
 SIZE = dict(n_users=200, n_items=400, n_clusters=5, events_per_user=20)

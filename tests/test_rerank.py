@@ -12,13 +12,25 @@ import pytest
 
 from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.rerank_features import (FEATURE_SPEC, N_SCALARS, RECENT_NEGATIVES, RECENT_POSITIVES, SCALAR_FEATURES,
-                                              ItemArrays, UserContext, build_features, build_features_numpy, capture_user,
-                                              feature_count, positive_mask, state_clock_ms)
-from streamrec.engine.reranker import WARM_CANDIDATES, RerankModel, Reranker, RerankerRejected
-from streamrec.engine.seeding import seed_engine
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.rerank.features import (
+    FEATURE_SPEC,
+    N_SCALARS,
+    RECENT_NEGATIVES,
+    RECENT_POSITIVES,
+    SCALAR_FEATURES,
+    ItemArrays,
+    UserContext,
+    build_features,
+    build_features_numpy,
+    capture_user,
+    feature_count,
+    state_clock_ms,
+)
+from streamrec.engine.rerank.reranker import WARM_CANDIDATES, Reranker, RerankerRejected, RerankModel
+from streamrec.engine.signals import positive_mask
 from streamrec.server.app import ServerConfig, StreamrecServer
 
 onnx = pytest.importorskip("onnx")  # builds the test models (extra `test`)
@@ -253,7 +265,7 @@ def test_model_is_warmed_up_when_loaded(tmp_path, monkeypatch):
 
 def test_serving_features_equal_training_features(engine, models, monkeypatch):
     """The rows the served model sees are exactly what the training code builds for the same state."""
-    from streamrec.engine.rerank_training import step_features
+    from streamrec.engine.offline.rerank_training import step_features
 
     engine.load_reranker(models["good"])
     captured = []
@@ -339,7 +351,7 @@ def test_provider_is_chosen_once_and_reported(engine):
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed (extra `train`)")
 def test_export_round_trip_torch_vs_onnxruntime(tmp_path):
-    from streamrec.engine.rerank_training import TrainConfig, build_model, export_onnx
+    from streamrec.engine.offline.rerank_training import TrainConfig, build_model, export_onnx
 
     cfg = TrainConfig(dim=DIM, hidden=(16, 8), cross_rank=4)
     rng = np.random.default_rng(0)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from streamrec.v1 import diagnostics_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from streamrec.clients.client import NO_RETRY, StreamrecClient, make_event
@@ -25,7 +23,7 @@ from streamrec.server import auth
 from streamrec.server.app import ServerConfig, StreamrecServer
 from streamrec.server.cli import main as cli_main
 from streamrec.server.tls import TlsConfigError, tls_files
-from streamrec.v1 import catalog_pb2
+from streamrec.v1 import catalog_pb2, diagnostics_pb2
 
 ROLES = auth.ROLES
 
@@ -47,7 +45,9 @@ def rpc_error(call) -> grpc.RpcError:
 # --- the tokens file and the role table, without a server ----------------------------------------------
 
 def test_every_rpc_of_every_service_needs_a_role():
-    from streamrec.v1 import catalog_pb2 as c, events_pb2 as e, recommend_pb2 as r
+    from streamrec.v1 import catalog_pb2 as c
+    from streamrec.v1 import events_pb2 as e
+    from streamrec.v1 import recommend_pb2 as r
     methods = {f"/{s.full_name}/{m.name}" for module in (c, e, r) for s in module.DESCRIPTOR.services_by_name.values()
                for m in s.methods}
     assert {auth.required_role(m) for m in methods} == set(ROLES)
@@ -223,7 +223,10 @@ CALLS = {
 
 
 def _full_method(name: str) -> str:
-    from streamrec.v1 import catalog_pb2 as c, diagnostics_pb2 as g, events_pb2 as e, recommend_pb2 as r
+    from streamrec.v1 import catalog_pb2 as c
+    from streamrec.v1 import diagnostics_pb2 as g
+    from streamrec.v1 import events_pb2 as e
+    from streamrec.v1 import recommend_pb2 as r
     for module in (c, e, r, g):
         for service in module.DESCRIPTOR.services_by_name.values():
             if name in service.methods_by_name:
@@ -232,7 +235,10 @@ def _full_method(name: str) -> str:
 
 
 def test_the_matrix_covers_every_rpc():
-    from streamrec.v1 import catalog_pb2 as c, diagnostics_pb2 as g, events_pb2 as e, recommend_pb2 as r
+    from streamrec.v1 import catalog_pb2 as c
+    from streamrec.v1 import diagnostics_pb2 as g
+    from streamrec.v1 import events_pb2 as e
+    from streamrec.v1 import recommend_pb2 as r
     names = {m.name for module in (c, e, r, g) for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert names == set(CALLS)
 
@@ -333,11 +339,12 @@ def test_tokens_rotate_without_restart(auth_server, clients, tokens_path, caplog
 # --- TLS -----------------------------------------------------------------------------------------------
 
 def _pki_with_cryptography(out: Path) -> None:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
 

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from streamrec.clients.client import StreamrecClient, make_event
-from streamrec.engine.datasets import synthetic_truth
+from streamrec.engine.offline.datasets import synthetic_truth
 from streamrec.v1 import catalog_pb2, events_pb2
 
 TRUTH = synthetic_truth()

@@ -16,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from streamrec.engine import codec, index_journal, store as store_mod
-from streamrec.engine.codec import DeleteItem
-from streamrec.engine.store import HISTORY_DTYPE, ItemRecord, LogEntry, Store, UserRecord
-from streamrec.engine.types import Event, EventType, ItemSpec
+from streamrec.engine.api import Event, EventType, ItemSpec
+from streamrec.engine.store import codec
+from streamrec.engine.store import journal as index_journal
+from streamrec.engine.store import store as store_mod
+from streamrec.engine.store.codec import DeleteItem
+from streamrec.engine.store.store import HISTORY_DTYPE, ItemRecord, LogEntry, Store, UserRecord
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -675,9 +677,9 @@ def test_concurrent_readers_during_resizes(tmp_path: Path) -> None:
 
 _CHILD = r"""
 import json, os, signal, sys
-from streamrec.engine.store import LogEntry, Store
-from streamrec.engine import codec
-from streamrec.engine.types import Event, EventType
+from streamrec.engine.store.store import LogEntry, Store
+from streamrec.engine.store import codec
+from streamrec.engine.api import Event, EventType
 s = Store(sys.argv[1])
 seqs = []
 for b in range(3):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamrec.engine.topk import (
+from streamrec.engine.retrieval.topk import (
     BACKENDS,
     Filters,
     NumpyTopK,

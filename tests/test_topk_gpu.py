@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numba import config as numba_config
+from test_topk import TIE_TOL, Case, assert_matches, random_case, reference, unit_rows
 
 from streamrec.engine.gpu import CUDA_AVAILABLE
-from streamrec.engine.topk import Filters, NumpyTopK, TopKBackend, get_backend
-from test_topk import TIE_TOL, Case, assert_matches, random_case, reference, unit_rows
+from streamrec.engine.retrieval.topk import Filters, NumpyTopK, TopKBackend, get_backend
 
 HERE = Path(__file__).resolve().parent
 REAL_GPU = CUDA_AVAILABLE and not numba_config.ENABLE_CUDASIM
@@ -260,12 +260,12 @@ def test_simulated(name: str) -> None:
 
 
 def test_importing_topk_does_not_import_numba_cuda() -> None:
-    code = "import sys, streamrec.engine.topk; assert not any(m.startswith('numba.cuda') for m in sys.modules)"
+    code = "import sys, streamrec.engine.retrieval.topk; assert not any(m.startswith('numba.cuda') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_registry_and_flag() -> None:
-    from streamrec.engine.topk import BACKENDS
+    from streamrec.engine.retrieval.topk import BACKENDS
 
     assert "cuda" in BACKENDS and "numpy" in BACKENDS
     if REAL_GPU:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamrec.engine.topk import Filters, NumpyTopK, TopKBackend, get_backend
+from streamrec.engine.retrieval.topk import Filters, NumpyTopK, TopKBackend, get_backend
 
 numba_topk = pytest.importorskip("streamrec.engine.cpu.topk")
 NumbaTopK = numba_topk.NumbaTopK

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamrec.engine import ials, online
-from streamrec.engine.cpu.ials import solve_sweep
-from streamrec.engine.datasets import synthetic, synthetic_truth
-from streamrec.engine.engine import Engine
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.training import fold_in_users, hit_rate, leave_last_out, train
+from streamrec.engine.cpu.ials import solve_sweep
+from streamrec.engine.engine import Engine
+from streamrec.engine.offline import ials
+from streamrec.engine.offline.datasets import synthetic, synthetic_truth
+from streamrec.engine.offline.training import fold_in_users, hit_rate, leave_last_out, train
+from streamrec.engine.state import online
 
 SMALL = dict(n_users=300, n_items=600, n_clusters=6, events_per_user=40, seed=3)
 

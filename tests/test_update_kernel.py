@@ -5,11 +5,12 @@ import copy
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from streamrec.engine.cpu.update import apply_events
-from streamrec.engine.online import (OnlineArrays, OnlineParams, apply_events_reference, gram_fixed, gram_float,
-                                     signed_strength)
+from streamrec.engine.cpu.online import apply_events
+from streamrec.engine.signals import signed_strength
+from streamrec.engine.state.online import OnlineArrays, OnlineParams, apply_events_reference, gram_fixed, gram_float
 
 
 def random_case(seed: int, users: int, items: int, events: int, dim: int, hist: int = 6):

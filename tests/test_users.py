@@ -5,14 +5,13 @@ import time
 
 import numpy as np
 
-from streamrec.engine import users as users_module
+from streamrec.engine.api import Event, EventType, RecommendQuery
 from streamrec.engine.config import EngineConfig
-from streamrec.engine.datasets import synthetic
 from streamrec.engine.engine import Engine
-from streamrec.engine.retrieval import RecommendQuery
-from streamrec.engine.seeding import seed_engine
-from streamrec.engine.types import Event, EventType
-from streamrec.engine.users import UserTable
+from streamrec.engine.offline.datasets import synthetic
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.state import users as users_module
+from streamrec.engine.state.users import UserTable
 
 
 def _table() -> UserTable:

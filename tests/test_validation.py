@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamrec.engine.api import Event
 from streamrec.engine.config import Limits
-from streamrec.engine.types import Event
 from streamrec.engine.validation import event_problem, split_events
 
 LIMITS = Limits()

@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..topk import Filters, _check_k, check_search_args
+from streamrec.engine.retrieval.topk import Filters, _check_k, check_search_args
 
 __all__ = ["NumbaTopK", "warmup"]
 

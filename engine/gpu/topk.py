@@ -30,8 +30,8 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda
 
-from ..topk import Filters, check_search_args
-from . import CUDA_AVAILABLE
+from streamrec.engine.gpu import CUDA_AVAILABLE
+from streamrec.engine.retrieval.topk import Filters, check_search_args
 
 __all__ = ["CUDA_AVAILABLE", "MAX_PASS_K", "CudaTopK", "DeviceItemMatrix"]
 

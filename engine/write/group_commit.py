@@ -3,41 +3,15 @@ into one plan (the columns `Store.append_records` takes, no object per event), c
 transaction, then applies its steps to the state in log order (`Engine._apply_plan`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
 
 import numpy as np
 
-from . import codec
-from .types import Event
-from .validation import Rejection
-from .writer import Op
-
-
-@dataclass
-class IngestResult:
-    accepted: int = 0
-    duplicates: int = 0
-    rejections: list[Rejection] = field(default_factory=list)
-    first_seq: int = 0
-    durable_seq: int = 0
-
-
-@dataclass
-class UpsertResult:
-    created: int = 0
-    updated: int = 0
-    durable_seq: int = 0
-
-
-@dataclass
-class DeleteResult:
-    deleted: int = 0
-    not_found: list[str] = field(default_factory=list)
-    durable_seq: int = 0
-
-
+from streamrec.engine.api import DeleteResult, Event, IngestResult, Rejection, UpsertResult
+from streamrec.engine.store import codec
+from streamrec.engine.write.writer import Op
 
 _EVENT_ID, _USER_ID, _ITEM_ID = attrgetter("event_id"), attrgetter("user_id"), attrgetter("item_id")
 

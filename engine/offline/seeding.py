@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EngineConfig
-from .engine import Engine
-from .observer import EngineObserver
-from .types import Dataset, ItemSpec
+from streamrec.engine.api import ItemSpec
+from streamrec.engine.config import EngineConfig
+from streamrec.engine.engine import Engine
+from streamrec.engine.observer import EngineObserver
+from streamrec.engine.offline.datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ STORE_FOLDER = "lmdb"
 
 
 def load_dataset(name: str, seed: int = 0) -> Dataset:
-    from . import datasets
+    from streamrec.engine.offline import datasets
 
     if name == "ml-100k":
         return datasets.load_ml100k()
@@ -34,7 +35,7 @@ def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0, method: str = "
                 **train_options) -> str:
     """Train on the dataset (`training.train`; method ials or svd) and load items, events and user vectors
     into an empty engine. Returns the model version."""
-    from .training import train
+    from streamrec.engine.offline.training import train
 
     started = time.perf_counter()
     catalog_ids = list(dataset.item_categories)

@@ -8,23 +8,22 @@ from operator import attrgetter
 
 import numpy as np
 
-from .bootstrap import event_confidences
-from .catalog import ItemCatalog
-from .config import EngineConfig
-from .cpu.update import apply_events as apply_update_kernel
-from .online import (GRAM_SCALE, OnlineArrays, OnlineParams, fold_in_exact, gram_fixed, history_weights,
-                     signed_strength)
-from .snapshot import CheckpointSnapshot, ItemColumns, UserColumns
-from .store import HISTORY_DTYPE, ItemRecord, UserRecord
-from .types import Event, ItemSpec, event_weight, event_weights, is_positive
-from .users import UserTable
-
-
-def event_strengths(types, values) -> np.ndarray:
-    """Signed strength of each event for the online model (values read as float32, as the history stores them,
-    so a replay from a checkpoint computes the same bits)."""
-    return signed_strength(event_confidences(np.asarray(types, np.int64), np.asarray(values, np.float32)))
-
+from streamrec.engine.api import Event, ItemSpec
+from streamrec.engine.config import EngineConfig
+from streamrec.engine.cpu.online import apply_events as apply_update_kernel
+from streamrec.engine.signals import event_strengths, event_weight, event_weights, is_positive
+from streamrec.engine.state.catalog import ItemCatalog
+from streamrec.engine.state.online import (
+    GRAM_SCALE,
+    OnlineArrays,
+    OnlineParams,
+    fold_in_exact,
+    gram_fixed,
+    history_weights,
+)
+from streamrec.engine.state.snapshot import CheckpointSnapshot, ItemColumns, UserColumns
+from streamrec.engine.state.users import UserTable
+from streamrec.engine.store.store import HISTORY_DTYPE, ItemRecord, UserRecord
 
 _DAY_MS = 24 * 3600 * 1000.0
 _USER_ID, _ITEM_ID, _TYPE = attrgetter("user_id"), attrgetter("item_id"), attrgetter("type")

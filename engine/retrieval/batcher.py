@@ -12,16 +12,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
 
-from .errors import ResourceExhausted, Unavailable
+from streamrec.engine.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 Q = TypeVar("Q")
 R = TypeVar("R")
-
-
-class DeadlineExceeded(Exception):
-    """The caller's deadline passed while its request waited; the work was skipped."""
 
 
 @dataclass

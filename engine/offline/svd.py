@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import EventType, Interactions, event_weights
+from streamrec.engine.offline.datasets import Interactions
+from streamrec.engine.signals import event_confidences
 
 log = logging.getLogger(__name__)
 
 DENSE_MAX_ENTRIES = 20_000_000  # above this many matrix cells, use the randomized sparse SVD
-RATING_BASE, RATING_SCALE = 1.0, 0.5
 
 
 @dataclass
@@ -98,16 +98,6 @@ def confidence_matrix(
     keep = sums > 0
     keys, sums = keys[keep], sums[keep]
     return users, items, keys // n_items, keys % n_items, np.log1p(sums)
-
-
-def event_confidences(types: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per-event signed confidence: event_weight, except RATING -> 1 + 0.5 * event_weight. Vectorised without
-    a loop over types: it runs on every group commit (via the online strengths), often for a few events."""
-    types = np.asarray(types, np.int64)
-    out, _ = event_weights(types, values)
-    rating = types == EventType.RATING
-    out[rating] = RATING_BASE + RATING_SCALE * out[rating]
-    return out
 
 
 def randomized_svd(

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cpu import rerank_features as _kernel
-from .types import EventType, TYPE_WEIGHTS
+from streamrec.engine.api import EventType
+from streamrec.engine.cpu import features as _kernel
+from streamrec.engine.signals import POSITIVE_TYPES, RATING_POSITIVE
 
 FEATURE_SPEC = "streamrec-rerank-features-v1"
 
@@ -60,8 +61,6 @@ RECENCY_DECAY = 0.85
 POP_FLOOR = -40.0  # log2 popularity of an item with no positive event (instead of -inf)
 NEVER_HOURS = 1e6  # idle time used when there is no event at all
 _HOUR_MS = 3_600_000.0
-_POSITIVE_TYPES = np.array([int(t) for t, w in TYPE_WEIGHTS.items() if w > 0], np.int64)
-_POSITIVE_TYPE_SET = frozenset(int(t) for t in _POSITIVE_TYPES)
 _RATING = int(EventType.RATING)
 _RECENCY_WEIGHTS = RECENCY_DECAY ** np.arange(max(RECENT_POSITIVES, 1), dtype=np.float64)  # as the reference
 _EMPTY_ROWS = np.zeros(0, np.int64)
@@ -112,12 +111,6 @@ class ItemArrays:
                    items.category_bits[:n], float(items.half_life_ms))
 
 
-def positive_mask(types: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Vectorised types.is_positive."""
-    types = np.asarray(types, np.int64)
-    return np.where(types == int(EventType.RATING), np.asarray(values) >= 4.0, np.isin(types, _POSITIVE_TYPES))
-
-
 def capture_user(users, row: int, vector: np.ndarray) -> UserContext:
     """Snapshot of user `row` (call under the state lock). `vector` is its unit query vector.
     One plain pass over the (short, bounded) history, most recent first: cheaper than building arrays."""
@@ -127,7 +120,7 @@ def capture_user(users, row: int, vector: np.ndarray) -> UserContext:
         negatives: list[int] = []
         n_positive = 0
         for item_row, event_type, value, _ in reversed(history):
-            if (value >= 4.0) if event_type == _RATING else (event_type in _POSITIVE_TYPE_SET):
+            if (value >= RATING_POSITIVE) if event_type == _RATING else (event_type in POSITIVE_TYPES):
                 n_positive += 1
                 if len(positives) < RECENT_POSITIVES:
                     positives.append(item_row)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..online import GRAM_SCALE, OnlineArrays, OnlineParams
+from streamrec.engine.state.online import GRAM_SCALE, OnlineArrays, OnlineParams
 
 _INV_SCALE = 1.0 / GRAM_SCALE
 
@@ -185,7 +185,7 @@ def apply_events(s: OnlineArrays, user_rows, item_rows, strengths, timestamps_ms
 
 
 def warmup() -> None:
-    from ..online import gram_fixed
+    from streamrec.engine.state.online import gram_fixed
 
     d, h = 4, 3
     vectors = np.eye(2, d, dtype=np.float32)

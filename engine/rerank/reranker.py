@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgument
-from .rerank_features import FEATURE_SPEC, ItemArrays, UserContext, build_features, feature_count
+from streamrec.engine.errors import InvalidArgument
+from streamrec.engine.rerank.features import FEATURE_SPEC, ItemArrays, UserContext, build_features, feature_count
 
 log = logging.getLogger(__name__)
 

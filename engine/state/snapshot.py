@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gil import yielding
-from .store import HISTORY_DTYPE, ItemRecord, UserRecord
+from streamrec.engine.gil import yielding
+from streamrec.engine.store.store import HISTORY_DTYPE, ItemRecord, UserRecord
 
 
 @dataclass

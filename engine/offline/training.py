@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ials
-from .bootstrap import Factors, factorize
-from .cpu.ials import solve_sweep
-from .types import Interactions, is_positive
+from streamrec.engine.cpu.ials import solve_sweep
+from streamrec.engine.offline import ials
+from streamrec.engine.offline.datasets import Interactions
+from streamrec.engine.offline.svd import Factors, factorize
+from streamrec.engine.signals import is_positive
 
 log = logging.getLogger(__name__)
 

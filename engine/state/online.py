@@ -44,12 +44,6 @@ class OnlineParams:
     history: int = 20  # events of the user's history in the fold-in (at most the ring's length)
 
 
-def signed_strength(confidence: np.ndarray | float) -> np.ndarray:
-    """sign(w) * log1p(|w|) of the per-event confidence (bootstrap.event_confidences): float32."""
-    w = np.asarray(confidence, np.float64)
-    return (np.sign(w) * np.log1p(np.abs(w))).astype(np.float32)
-
-
 def gram_fixed(vectors: np.ndarray, live: np.ndarray) -> np.ndarray:
     """float64 [d, d] holding integers: sum over live rows of rint(y_a y_b * GRAM_SCALE)."""
     y = np.asarray(vectors, np.float64)[np.asarray(live, bool)]

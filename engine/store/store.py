@@ -57,11 +57,11 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from streamrec.engine import codec, index_journal
+from streamrec.engine.api import Event
 from streamrec.engine.gil import yielding
-from streamrec.engine.index_journal import Generation, PendingIndex
-from streamrec.engine.lmdb_env import LmdbEnv
-from streamrec.engine.types import Event
+from streamrec.engine.store import codec, journal
+from streamrec.engine.store.journal import Generation, PendingIndex
+from streamrec.engine.store.lmdb_env import LmdbEnv
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ class Store:
             kept_idem, kept_users = _pick(idem_keys, kept), _pick(user_keys, kept)
             _put_all(txn.cursor(db=self._log), list(zip(seq_bytes, _pick(payloads, kept))), append=True)
             if (any(kept_idem) or any(kept_users)) and not txn.put(
-                    seq_bytes[0], index_journal.encode(start + 1, kept_idem, kept_users), db=self._journal, append=True):
+                    seq_bytes[0], journal.encode(start + 1, kept_idem, kept_users), db=self._journal, append=True):
                 raise RuntimeError(f"index journal already holds a record at or after seq {start + 1}")
             txn.put(_META_LAST_SEQ.encode(), seq_bytes[-1], db=self._log_meta)
             return seqs, seq_bytes, kept_idem, kept_users

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ResourceExhausted, Unavailable
+from streamrec.engine.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

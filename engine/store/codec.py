@@ -24,7 +24,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from streamrec.engine.types import Event, EventType, ItemSpec
+from streamrec.engine.api import Event, EventType, ItemSpec
 
 __all__ = [
     "VERSION",

@@ -31,7 +31,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .types import Dataset, Event, EventType, Interactions, event_weight, is_positive
+from streamrec.engine.api import Event
+from streamrec.engine.offline.datasets import Dataset, Interactions
+from streamrec.engine.signals import event_confidences, is_positive
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: catalog, split, seen sets
@@ -389,19 +391,6 @@ class FrozenEngine:
 # ---------------------------------------------------------------------------------------------------------
 # The `implicit` peers
 # ---------------------------------------------------------------------------------------------------------
-
-# Same confidence mapping as the engine's bootstrap: per event a RATING gives 1 + 0.5 * event_weight (1 star
-# 0.5 ... 5 stars 1.5: having rated is itself interest), other types their signed event_weight; summed per
-# (user, item), clipped at 0, then log1p. implicit's ALS then uses alpha * that as the confidence.
-RATING_BASE, RATING_SCALE = 1.0, 0.5
-
-
-def event_confidences(types: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = np.empty(len(types), np.float64)
-    for i, (t, v) in enumerate(zip(types, values)):
-        w = event_weight(int(t), float(v))
-        out[i] = RATING_BASE + RATING_SCALE * w if int(t) == EventType.RATING else w
-    return out
 
 
 def confidence_matrix(log: Interactions, catalog: Catalog, user_index: dict[str, int] | None = None):

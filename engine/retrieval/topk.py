@@ -368,7 +368,7 @@ def get_backend(name: str = "auto") -> TopKBackend:
     """A fresh backend by name; "auto" picks the fastest available: cuda with a usable GPU, then numba when it
     imports, else numpy."""
     if name == "auto":
-        from .gpu import CUDA_AVAILABLE
+        from streamrec.engine.gpu import CUDA_AVAILABLE
 
         if CUDA_AVAILABLE:
             return BACKENDS["cuda"]()

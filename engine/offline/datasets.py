@@ -18,9 +18,43 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .types import Dataset, EventType, Interactions
+from streamrec.engine.api import Event, EventType
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Interactions:
+    """A columnar interaction log, sorted by timestamp (stable)."""
+
+    user_ids: np.ndarray  # object array of str
+    item_ids: np.ndarray  # object array of str
+    types: np.ndarray  # uint8 EventType values
+    values: np.ndarray  # float32
+    timestamps_ms: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def events(self, id_prefix: str):
+        """Yield Event objects with deterministic ids (prefix + position), for seeding the log."""
+        for i in range(len(self)):
+            yield Event(
+                f"{id_prefix}{i}",
+                str(self.user_ids[i]),
+                str(self.item_ids[i]),
+                EventType(int(self.types[i])),
+                float(self.values[i]),
+                int(self.timestamps_ms[i]),
+            )
+
+
+@dataclass
+class Dataset:
+    name: str
+    interactions: Interactions
+    item_categories: dict[str, list[str]]  # every item of the catalog, even without interactions
+    item_attributes: dict[str, dict[str, str]]
 
 # --------------------------------------------------------------------------------------------------------
 # Shared helpers

@@ -32,13 +32,28 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EngineConfig
-from .engine import Engine
-from .evaluation import Catalog, StreamrecEngine, hit_and_ndcg, prequential_replay, replay_events, time_split
-from .rerank_features import FEATURE_SPEC, ItemArrays, build_features, capture_user, feature_count, feature_names, state_clock_ms
-from .reranker import Reranker, sidecar_path
-from .seeding import seed_engine
-from .types import Dataset
+from streamrec.engine.config import EngineConfig
+from streamrec.engine.engine import Engine
+from streamrec.engine.offline.datasets import Dataset
+from streamrec.engine.offline.evaluation import (
+    Catalog,
+    StreamrecEngine,
+    hit_and_ndcg,
+    prequential_replay,
+    replay_events,
+    time_split,
+)
+from streamrec.engine.offline.seeding import seed_engine
+from streamrec.engine.rerank.features import (
+    FEATURE_SPEC,
+    ItemArrays,
+    build_features,
+    capture_user,
+    feature_count,
+    feature_names,
+    state_clock_ms,
+)
+from streamrec.engine.rerank.reranker import Reranker, sidecar_path
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from .catalog import _grow
+from streamrec.engine.state.catalog import _grow
 
 _SEEN_CACHE_ROWS = 8 << 20  # seen rows kept as arrays between requests, all users together (64 MiB)
 

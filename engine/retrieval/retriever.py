@@ -4,42 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .rerank_features import ItemArrays, capture_user, state_clock_ms
-from .state import State
-from .topk import Filters, TopKBackend
+from streamrec.engine.api import Recommendation, RecommendQuery
+from streamrec.engine.rerank.features import ItemArrays, capture_user, state_clock_ms
+from streamrec.engine.retrieval.topk import Filters, TopKBackend
+from streamrec.engine.state.state import State
 
 log = logging.getLogger(__name__)
 
 _NO_ROWS = np.zeros(0, np.int64)
-
-
-@dataclass
-class RecommendQuery:
-    user_id: str
-    k: int
-    exclude_seen: bool = True
-    exclude_item_ids: list[str] = field(default_factory=list)
-    include_categories: list[str] = field(default_factory=list)
-    exclude_categories: list[str] = field(default_factory=list)
-    request_id: str = ""
-    rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
-    candidates: int = 0  # retrieved candidates to rerank; 0: the server default
-
-
-@dataclass
-class Recommendation:
-    request_id: str
-    user_id: str
-    item_ids: list[str]
-    scores: np.ndarray  # float32, descending
-    categories: list[list[str]]
-    strategy: str  # "personalized" | "popular"
-    retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
-    reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
 
 
 @dataclass
@@ -74,7 +50,7 @@ class Retriever:
     def _search_vectors(self, queries: np.ndarray, host_items: np.ndarray, k: int, filters: Filters):
         if self._resident is None:
             return self.backend.search(queries, host_items, k, filters)
-        from .gpu.topk import DeviceItemMatrix
+        from streamrec.engine.gpu.topk import DeviceItemMatrix
 
         with self._device_lock:  # one sync+search at a time keeps the device copy consistent
             with self.lock:
@@ -154,7 +130,7 @@ class Retriever:
                 candidates[i] = max(query.k, query.candidates or self.rerank_candidates)
         if not users:
             return None
-        from .reranker import RerankPlan
+        from streamrec.engine.rerank.reranker import RerankPlan
 
         items = self.state.items
         version = (getattr(self.state, "embedding_version", 0), getattr(self.state, "applied_seq", 0), len(items))

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bootstrap import event_confidences, interaction_codes
-from .types import Interactions
+from streamrec.engine.offline.datasets import Interactions
+from streamrec.engine.offline.svd import interaction_codes
+from streamrec.engine.signals import event_confidences
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Every type that crosses the Engine's boundary: what callers pass in (events, item specs, queries) and what they
+get back (results, recommendations, views, stats). Plain data: no gRPC, no protobuf, no engine internals."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+
+class EventType(IntEnum):
+    """Same numbers as streamrec.v1.EventType, so conversion is a cast."""
+
+    VIEW = 1
+    CLICK = 2
+    ADD_TO_CART = 3
+    PURCHASE = 4
+    RATING = 5
+    SKIP = 6
+    DISLIKE = 7
+
+
+@dataclass(slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    item_id: str
+    type: EventType
+    value: float
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class ItemSpec:
+    """An item as a client describes it: vector None means "derive one from categories or the catalog mean"."""
+
+    item_id: str
+    categories: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+    vector: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class Rejection:
+    index: int
+    event_id: str
+    field: str
+    reason: str
+
+
+# --- results of writes ---
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    first_seq: int = 0
+    durable_seq: int = 0
+
+
+@dataclass
+class UpsertResult:
+    created: int = 0
+    updated: int = 0
+    durable_seq: int = 0
+
+
+@dataclass
+class DeleteResult:
+    deleted: int = 0
+    not_found: list[str] = field(default_factory=list)
+    durable_seq: int = 0
+
+
+# --- reads ---
+@dataclass
+class RecommendQuery:
+    user_id: str
+    k: int
+    exclude_seen: bool = True
+    exclude_item_ids: list[str] = field(default_factory=list)
+    include_categories: list[str] = field(default_factory=list)
+    exclude_categories: list[str] = field(default_factory=list)
+    request_id: str = ""
+    rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
+    candidates: int = 0  # retrieved candidates to rerank; 0: the server default
+
+
+@dataclass
+class Recommendation:
+    request_id: str
+    user_id: str
+    item_ids: list[str]
+    scores: np.ndarray  # float32, descending
+    categories: list[list[str]]
+    strategy: str  # "personalized" | "popular"
+    retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
+    reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
+
+
+@dataclass
+class ItemView:
+    item_id: str
+    categories: list[str]
+    attributes: dict[str, str]
+    vector: np.ndarray
+    deleted: bool
+    interactions: int
+    popularity: float
+    last_event_ms: int
+
+
+@dataclass
+class UserView:
+    user_id: str
+    vector: np.ndarray  # unit query vector (zeros when the user has no positive interest yet)
+    history: list[tuple[str, int, float, int]]  # (item_id, type, value, timestamp_ms), most recent first
+    event_count: int
+    seen_items: int
+    last_event_ms: int
