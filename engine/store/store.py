@@ -47,62 +47,51 @@ growth is not adopted).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
-import numpy as np
 
 from streamrec.engine.api import Event
 from streamrec.engine.gil import yielding
 from streamrec.engine.store import codec, journal
 from streamrec.engine.store.journal import Generation, PendingIndex
+from streamrec.engine.store.layout import (
+    _LOG_DBS,
+    _MAX_KEY,
+    _META_CHECKPOINT,
+    _META_FORMAT,
+    _META_LAST_SEQ,
+    _ROW,
+    _SEQ,
+    _STATE_DBS,
+    _STATE_DIR,
+    _STORE_FORMAT,
+    _UPGRADABLE_FORMATS,
+    RESERVED_META,
+    _key,
+    _keys,
+    _put_all,
+)
 from streamrec.engine.store.lmdb_env import LmdbEnv
+from streamrec.engine.store.records import (
+    _ITEM_HDR,
+    HISTORY_DTYPE,
+    ItemRecord,
+    UserRecord,
+    _pack_item,
+    _pack_user,
+    _unpack_item,
+    _unpack_user,
+)
+from streamrec.engine.store.upgrade import upgrade_single_environment
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HISTORY_DTYPE", "ItemRecord", "UserRecord", "LogEntry", "Store"]
 
-HISTORY_DTYPE = np.dtype([("row", "<i4"), ("type", "u1"), ("value", "<f4"), ("ts", "<i8")])
-
-_SEQ = struct.Struct(">Q")
-_ROW = struct.Struct(">I")
-# version, flags (bit 0: deleted), row, popularity, last_event_ms, interactions
-_ITEM_HDR = struct.Struct("<BBIdqq")
-# version, dim, len(seen), len(history), event_count, last_event_ms, positive_count
-_USER_HDR = struct.Struct("<BIIIqqq")
-_RECORD_VERSION = 1
-_ITEM_DELETED = 1
-
-_MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE, also the limit for dupsort values
-_EMPTY_KEY = b"\xfe"
-_HASHED_KEY = b"\xff"
-
-# 2 added index_journal (an older build would not see the keys waiting there); 3 moved the checkpointed state
-# into its own environment. Formats 1 and 2 are one environment holding every database: upgraded on open.
-_STORE_FORMAT = b"\x03"
-_UPGRADABLE_FORMATS = (b"\x01", b"\x02")
-_META_FORMAT = "store_format"
-_META_LAST_SEQ = "last_seq"
-_META_CHECKPOINT = "checkpoint_seq"
-RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT})
-
-_LOG_DBS: dict[str, dict[str, bool]] = {"log": {}, "index_journal": {}, "meta": {}}
-_STATE_DBS: dict[str, dict[str, bool]] = {
-    "idem": {},
-    "user_log": {"dupsort": True, "dupfixed": True},
-    "items": {},
-    "item_vectors": {},
-    "item_rows": {},
-    "users": {},
-    "meta": {},
-}
-_STATE_DIR = "state"
-_LOG_META = (_META_FORMAT, _META_LAST_SEQ)  # the log environment's meta keys; every other one is the state's
 
 _ITER_CHUNK = 4096  # log records per read transaction in iter_log
 # Keys waiting in the journal before an append merges them itself (~300 bytes of memory each); checkpoints
@@ -111,57 +100,11 @@ _PENDING_INDEX_CAP = 200_000
 _MERGE_CHUNK = 2048  # index entries per putmulti in a merge (~2 ms of GIL-holding C on this VM)
 
 
-@dataclass
-class ItemRecord:
-    item_id: str
-    row: int
-    categories: list[str]
-    attributes: dict[str, str]
-    deleted: bool
-    vector: np.ndarray | None  # float32 [d]
-    popularity: float  # time-decayed positive-event count
-    last_event_ms: int
-    interactions: int
-
-
-@dataclass
-class UserRecord:
-    user_id: str
-    vector: np.ndarray  # float32 [d] (unnormalised accumulator)
-    seen: np.ndarray  # int32 item rows the user interacted with (sorted unique)
-    history: np.ndarray  # HISTORY_DTYPE, most recent last
-    event_count: int
-    last_event_ms: int
-    positive_count: int = 0  # events that expressed interest: zero means "serve popular items"
-
-
 @dataclass(slots=True)
 class LogEntry:
     payload: bytes
     event_id: str | None = None  # idempotency key; None or "" means "no key"
     user_id: str | None = None  # indexes the record for forget_user
-
-
-def _key(s: str) -> bytes:
-    b = s.encode("utf-8")
-    if not b:
-        return _EMPTY_KEY
-    if len(b) > _MAX_KEY:
-        return _HASHED_KEY + hashlib.blake2b(b, digest_size=32).digest()
-    return b
-
-
-def _keys(ids: Sequence[str | None], empty_is_none: bool = False) -> list[bytes | None]:
-    """_key of each id; None for None (and for "" when empty_is_none: an event_id "" means "no key"). Ids on
-    the event path are validated non-empty and short, so the usual case is one C-level encode per id;
-    anything else takes _key's path."""
-    try:
-        keys = list(map(str.encode, ids))
-    except TypeError:  # a None among them: a record without this key
-        keys = None
-    if keys is None or (keys and not 0 < min(map(len, keys)) <= max(map(len, keys)) <= _MAX_KEY):
-        keys = [None if s is None or (empty_is_none and not s) else _key(s) for s in ids]
-    return keys
 
 
 def _assign_seqs(idem_keys: list[bytes | None], present: set[bytes], last_seq: int) -> list[int | None]:
@@ -185,84 +128,6 @@ def _assign_seqs(idem_keys: list[bytes | None], present: set[bytes], last_seq: i
 
 def _pick(column: list, kept: Sequence[int]) -> list:
     return column if isinstance(kept, range) else [column[k] for k in kept]
-
-
-def _put_all(cursor: lmdb.Cursor, items: list[tuple[bytes, bytes]], append: bool = False) -> None:
-    """putmulti that must write every pair (dupsort databases keep every value of a key)."""
-    if not items:
-        return
-    consumed, added = cursor.putmulti(items, append=append)
-    if added != len(items):  # append=True refuses a key below the last one: a broken seq invariant
-        raise RuntimeError(f"wrote {added} of {len(items)} records (consumed {consumed})")
-
-
-# --- record packing ---------------------------------------------------------------------------
-
-
-def _pack_item(rec: ItemRecord) -> bytes:
-    try:
-        head = _ITEM_HDR.pack(
-            _RECORD_VERSION,
-            _ITEM_DELETED if rec.deleted else 0,
-            rec.row,
-            rec.popularity,
-            rec.last_event_ms,
-            rec.interactions,
-        )
-    except struct.error as exc:
-        raise ValueError(f"cannot pack item {rec.item_id!r}: {exc}") from exc
-    return b"".join(
-        (head, codec.encode_str(rec.item_id), codec.encode_str_list(rec.categories), codec.encode_str_map(rec.attributes))
-    )
-
-
-def _unpack_item(raw: bytes, vector: np.ndarray | None) -> ItemRecord:
-    version, flags, row, popularity, last_ms, interactions = _ITEM_HDR.unpack_from(raw, 0)
-    if version != _RECORD_VERSION:
-        raise ValueError(f"unsupported item record version {version}")
-    item_id, off = codec.decode_str(raw, _ITEM_HDR.size)
-    categories, off = codec.decode_str_list(raw, off)
-    attributes, off = codec.decode_str_map(raw, off)
-    if off != len(raw):
-        raise ValueError(f"item record {item_id!r} has trailing bytes")
-    return ItemRecord(item_id, row, categories, attributes, bool(flags & _ITEM_DELETED), vector, popularity, last_ms, interactions)
-
-
-def _pack_user(rec: UserRecord) -> bytes:
-    vec = codec.vector_to_bytes(rec.vector)
-    seen = codec.array_to_bytes(rec.seen, "<i4")
-    history = np.asarray(rec.history)
-    if history.dtype != HISTORY_DTYPE:
-        if history.dtype.names != HISTORY_DTYPE.names:
-            raise ValueError(f"user {rec.user_id!r}: history dtype {history.dtype} is not HISTORY_DTYPE")
-        history = history.astype(HISTORY_DTYPE)
-    if history.ndim != 1:
-        raise ValueError(f"user {rec.user_id!r}: history must be 1-D")
-    try:
-        head = _USER_HDR.pack(
-            _RECORD_VERSION, len(vec) // 4, len(seen) // 4, len(history), rec.event_count, rec.last_event_ms,
-            rec.positive_count,
-        )
-    except struct.error as exc:
-        raise ValueError(f"cannot pack user {rec.user_id!r}: {exc}") from exc
-    return b"".join((head, codec.encode_str(rec.user_id), vec, seen, history.tobytes()))
-
-
-def _unpack_user(raw: bytes) -> UserRecord:
-    version, dim, n_seen, n_hist, event_count, last_ms, positive_count = _USER_HDR.unpack_from(raw, 0)
-    if version != _RECORD_VERSION:
-        raise ValueError(f"unsupported user record version {version}")
-    user_id, off = codec.decode_str(raw, _USER_HDR.size)
-    end = off + 4 * dim + 4 * n_seen + HISTORY_DTYPE.itemsize * n_hist
-    if end != len(raw):
-        raise ValueError(f"user record {user_id!r} has length {len(raw)}, expected {end}")
-    vector = codec.vector_from_bytes(raw, dim, off)
-    off += 4 * dim
-    seen = codec.array_from_bytes(raw, "<i4", n_seen, off).astype(np.int32, copy=False)
-    off += 4 * n_seen
-    history = codec.array_from_bytes(raw, HISTORY_DTYPE, n_hist, off)
-    return UserRecord(user_id, vector, seen, history, event_count, last_ms, positive_count)
-
 
 
 # --- store ------------------------------------------------------------------------------------
@@ -298,7 +163,7 @@ class Store:
         fmt = self._log_env.write(
             lambda txn: txn.get(_META_FORMAT.encode(), db=log_env.open_db(b"meta", txn=txn)))
         if fmt in _UPGRADABLE_FORMATS:
-            self._upgrade_single_environment()
+            upgrade_single_environment(self._log_env, self._state_env, self.path / _STATE_DIR)
         elif fmt is not None and fmt != _STORE_FORMAT:
             raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
 
@@ -318,47 +183,6 @@ class Store:
         self._users, self._meta = state_dbs["users"], state_dbs["meta"]
         self._dbs = {**{name: (self._log_env, db) for name, db in log_dbs.items() if name != "meta"},
                      **{name: (self._state_env, db) for name, db in state_dbs.items() if name != "meta"}}
-
-    def _upgrade_single_environment(self) -> None:
-        """Format 1/2 -> 3: copy the state's databases into the state environment, then drop them from the log's.
-        A crash in between leaves the log environment at its old format, and the copy is simply redone."""
-        log_env = self._log_env.env
-        moved = [name for name in _STATE_DBS if name != "meta"]
-        with self._log_env.read() as txn:
-            contents = {}
-            for name in moved:
-                db = log_env.open_db(name.encode(), txn=txn, create=False, **_STATE_DBS[name]) \
-                    if txn.get(name.encode()) is not None else None
-                contents[name] = list(txn.cursor(db=db).iternext()) if db is not None else []
-            meta = log_env.open_db(b"meta", txn=txn, create=False)
-            state_meta = [(k, v) for k, v in txn.cursor(db=meta).iternext() if k.decode() not in _LOG_META]
-        state_env = self._state_env.env
-
-        def copy(txn: lmdb.Transaction) -> None:
-            for name, pairs in contents.items():
-                db = state_env.open_db(name.encode(), txn=txn, **_STATE_DBS[name])
-                txn.drop(db, delete=False)
-                _put_all(txn.cursor(db=db), pairs)
-            db = state_env.open_db(b"meta", txn=txn)
-            _put_all(txn.cursor(db=db), state_meta)
-            txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=db)
-
-        self._state_env.write(copy)
-
-        def drop(txn: lmdb.Transaction) -> None:
-            for name in moved:
-                if txn.get(name.encode()) is not None:
-                    txn.drop(log_env.open_db(name.encode(), txn=txn, create=False, **_STATE_DBS[name]), delete=True)
-            db = log_env.open_db(b"meta", txn=txn)
-            for key, _ in state_meta:
-                txn.delete(key, db=db)
-            txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=db)
-
-        self._log_env.write(drop)
-        logger.info("store upgraded to format %d: checkpointed state moved to %s", _STORE_FORMAT[0],
-                    self.path / _STATE_DIR)
-
-    # --- lifecycle ---
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,94 @@
+"""What lies where in the store's two LMDB environments: the databases of each, the store format, the meta keys,
+and how ids become LMDB keys (see store.py's docstring for the table and the contracts)."""
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+import lmdb
+
+_SEQ = struct.Struct(">Q")
+
+
+_ROW = struct.Struct(">I")
+
+
+_MAX_KEY = 511  # LMDB's default MDB_MAXKEYSIZE, also the limit for dupsort values
+
+
+_EMPTY_KEY = b"\xfe"
+
+
+_HASHED_KEY = b"\xff"
+
+
+# 2 added index_journal (an older build would not see the keys waiting there); 3 moved the checkpointed state
+# into its own environment. Formats 1 and 2 are one environment holding every database: upgraded on open.
+_STORE_FORMAT = b"\x03"
+
+
+_UPGRADABLE_FORMATS = (b"\x01", b"\x02")
+
+
+_META_FORMAT = "store_format"
+
+
+_META_LAST_SEQ = "last_seq"
+
+
+_META_CHECKPOINT = "checkpoint_seq"
+
+
+RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT})
+
+
+_LOG_DBS: dict[str, dict[str, bool]] = {"log": {}, "index_journal": {}, "meta": {}}
+
+
+_STATE_DBS: dict[str, dict[str, bool]] = {
+    "idem": {},
+    "user_log": {"dupsort": True, "dupfixed": True},
+    "items": {},
+    "item_vectors": {},
+    "item_rows": {},
+    "users": {},
+    "meta": {},
+}
+
+
+_STATE_DIR = "state"
+
+
+_LOG_META = (_META_FORMAT, _META_LAST_SEQ)  # the log environment's meta keys; every other one is the state's
+
+
+def _key(s: str) -> bytes:
+    b = s.encode("utf-8")
+    if not b:
+        return _EMPTY_KEY
+    if len(b) > _MAX_KEY:
+        return _HASHED_KEY + hashlib.blake2b(b, digest_size=32).digest()
+    return b
+
+
+def _keys(ids: Sequence[str | None], empty_is_none: bool = False) -> list[bytes | None]:
+    """_key of each id; None for None (and for "" when empty_is_none: an event_id "" means "no key"). Ids on
+    the event path are validated non-empty and short, so the usual case is one C-level encode per id;
+    anything else takes _key's path."""
+    try:
+        keys = list(map(str.encode, ids))
+    except TypeError:  # a None among them: a record without this key
+        keys = None
+    if keys is None or (keys and not 0 < min(map(len, keys)) <= max(map(len, keys)) <= _MAX_KEY):
+        keys = [None if s is None or (empty_is_none and not s) else _key(s) for s in ids]
+    return keys
+
+
+def _put_all(cursor: lmdb.Cursor, items: list[tuple[bytes, bytes]], append: bool = False) -> None:
+    """putmulti that must write every pair (dupsort databases keep every value of a key)."""
+    if not items:
+        return
+    consumed, added = cursor.putmulti(items, append=append)
+    if added != len(items):  # append=True refuses a key below the last one: a broken seq invariant
+        raise RuntimeError(f"wrote {added} of {len(items)} records (consumed {consumed})")
