@@ -17,6 +17,11 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 
+import lmdb
+
+from streamrec.engine.gil import yielding
+from streamrec.engine.store.layout import _put_all
+
 _HEAD = struct.Struct(">QI")  # first seq, record count
 
 
@@ -114,3 +119,15 @@ class PendingIndex:
             if generation.idem:
                 found.update(k for k in keys if k in generation.idem)
         return found
+
+
+_MERGE_CHUNK = 2048  # index entries per putmulti in a merge: a bounded stretch of GIL-holding C
+
+
+def merge(txn: lmdb.Transaction, generations: tuple[Generation, ...], idem_db, user_log_db) -> None:
+    """Part of a state transaction: the generations' keys into their trees (writing an entry again is harmless)."""
+    for generation in generations:
+        for db, pairs in ((idem_db, list(generation.idem.items())), (user_log_db, generation.user_pairs)):
+            cursor = txn.cursor(db=db)
+            for start in yielding(range(0, len(pairs), _MERGE_CHUNK), every=1):  # hands the GIL over between chunks
+                _put_all(cursor, pairs[start:start + _MERGE_CHUNK])

@@ -97,7 +97,6 @@ _ITER_CHUNK = 4096  # log records per read transaction in iter_log
 # Keys waiting in the journal before an append merges them itself (~300 bytes of memory each); checkpoints
 # (every 50k records by default) usually merge them first.
 _PENDING_INDEX_CAP = 200_000
-_MERGE_CHUNK = 2048  # index entries per putmulti in a merge (~2 ms of GIL-holding C on this VM)
 
 
 @dataclass(slots=True)
@@ -296,7 +295,7 @@ class Store:
         """Merge the journal's keys into the idem and user_log trees now and empty the journal (writer thread)."""
         merged = self._pending.freeze()
         if merged:
-            self._state_env.write(lambda txn: _merge(txn, merged, self._idem, self._user_log))
+            self._state_env.write(lambda txn: journal.merge(txn, merged, self._idem, self._user_log))
             self._merged(merged)
             self._flush_journal_trim()
 
@@ -408,7 +407,7 @@ class Store:
             for key, value in packed_meta:
                 txn.put(key, value, db=self._meta)
             txn.put(_META_CHECKPOINT.encode(), _SEQ.pack(watermark), db=self._meta)
-            _merge(txn, merged, self._idem, self._user_log)  # a checkpoint is already a large transaction
+            journal.merge(txn, merged, self._idem, self._user_log)  # a checkpoint is already a large transaction
 
         self._state_env.write(fn)
         self._merged(merged)
@@ -547,10 +546,3 @@ class Store:
         return out
 
 
-def _merge(txn: lmdb.Transaction, generations: tuple[Generation, ...], idem_db, user_log_db) -> None:
-    """Part of a state transaction: the generations' keys into their trees (writing an entry again is harmless)."""
-    for generation in generations:
-        for db, pairs in ((idem_db, list(generation.idem.items())), (user_log_db, generation.user_pairs)):
-            cursor = txn.cursor(db=db)
-            for start in yielding(range(0, len(pairs), _MERGE_CHUNK), every=1):  # hands the GIL over between chunks
-                _put_all(cursor, pairs[start:start + _MERGE_CHUNK])
