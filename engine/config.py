@@ -32,11 +32,8 @@ class EngineConfig:
     # user's latest event, but never below the floor, so older taste still counts.
     user_half_life_days: float = 30.0
     user_decay_floor: float = 0.25
-    # Online learning model (engine/online.py): per event, an iALS fold-in of the user's latest events and a
-    # small step of the item. Chosen on the ML-100K prequential replay (last 20% by time, HR@10 on positive
-    # unseen events; frozen iALS bootstrap 0.089): history 50/20/10 -> 0.152/0.185/0.190 (item steps off),
-    # item_lr 0/0.003/0.01 -> 0.185/0.194/0.196, a new-item boost of 0.5 -> 0.15 but 0.02 is harmless (0.195),
-    # CG steps 1/2/3 -> 0.142/0.154/0.152 (history 50).
+    # Online learning model (engine/state/online.py): per event, an iALS fold-in of the user's latest events and a
+    # small step of the item. Chosen on the ML-100K prequential replay (the grid: benchmarks/RESULTS.md, "Figures behind design choices").
     online_alpha: float = 10.0  # confidence 1 + alpha * strength of an event
     online_reg: float = 10.0
     online_cg_steps: int = 2  # warm-started conjugate-gradient steps per event

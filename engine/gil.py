@@ -1,8 +1,7 @@
 """Background work that lets latency-bound threads in. CPython hands the GIL to a waiting thread only after the
 holder has run for the switch interval (5 ms), and a group commit waits for it several times (after its fsync,
 after the update kernel...), so a checkpoint building records on its own thread stretched commits on one core
-(open-loop ack p99 140 ms at 10k events/s in-process; 56 ms with a 0.5 ms switch interval for the whole process).
-Releasing the GIL every few hundred records gives the same effect to the checkpoint thread alone."""
+(benchmarks/RESULTS.md, "Figures behind design choices"). Releasing the GIL every few hundred records gives the same effect to the checkpoint thread alone."""
 from __future__ import annotations
 
 import time

@@ -77,8 +77,7 @@ def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] 
     return None
 
 
-# Below this many events the per-event checks are cheaper than the batch check's fixed NumPy cost
-# (1 event: 1.6 vs 12.7 us; even at ~16; 100 events: 128 vs 62 us).
+# Below this many events the per-event checks are cheaper than the batch check's fixed NumPy cost (benchmarks/RESULTS.md, "Figures behind design choices").
 _BATCH_CHECK_MIN_EVENTS = 16
 
 
@@ -105,7 +104,7 @@ def split_events(events: list[Event], limits: Limits) -> tuple[list[tuple[int, E
 
 def _all_acceptable(events: list[Event], limits: Limits, now_ms: int) -> bool:
     """True only if event_problem finds nothing in any event: the same rules, checked a batch at a time
-    (a few C-level passes instead of per-event Python: 1.55 -> 0.95 us per event on 100-event batches).
+    (a few C-level passes instead of per-event Python).
     False sends the batch to the per-event path, which says what is wrong and where; non-ASCII ids always take it."""
     if not events:
         return True

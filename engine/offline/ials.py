@@ -6,7 +6,7 @@ against these functions.
 Model. Each observed (user, item) pair has a preference p (1 = interest, 0 = rejection) and a strength s >= 0;
 every unobserved pair counts as p = 0 with confidence 1. The confidence of an observed pair is c = 1 + alpha*s.
     loss = sum_{u,i} c_ui (p_ui - x_u . y_i)^2 + reg (|X|^2 + |Y|^2)
-Signed per-event strengths come from `bootstrap.event_confidences` (VIEW .25 .. PURCHASE 1, RATING 1+0.5*w, so
+Signed per-event strengths come from `signals.event_confidences` (VIEW .25 .. PURCHASE 1, RATING 1+0.5*w, so
 any rating is a sign the item was consumed; SKIP -.3, DISLIKE -1). A pair's signed sum > 0 gives p = 1, < 0 gives
 p = 0 with extra confidence (negative feedback pushes the user's vector away from the item), and the strength is
 log1p(|sum|), so repeats do not dominate.

@@ -1,15 +1,12 @@
 """Bootstrap embeddings: a truncated SVD of the implicit user x item confidence matrix (NumPy only).
 
 Confidence of one (user, item) pair, before scaling:
-  * non-rating events add their signed `event_weight` (VIEW .25, CLICK .5, ..., SKIP -.3, DISLIKE -1);
-  * a RATING adds 1 + 0.5 * event_weight (1 star -> 0.5, 3 -> 1.0, 5 -> 1.5): having rated an item is itself
-    a sign of interest (it was watched), so even low ratings count, high ones more;
+  * each event adds its signed confidence (`signals.event_confidences`: what an event means is stated there);
   * the sum is clipped at 0 (a user who viewed then disliked an item gets nothing for it) and scaled with
     log1p, so heavy repeat interactions do not dominate the factorisation;
   * each item column is divided by sqrt(number of its users) (popularity_damping=0.5), else the leading
-    components mostly encode popularity and, once vectors are normalised for cosine, rank worse. On ML-100K
-    (dim 64, last liked item held out) this lifts HR@10 from about 0.12 to 0.17; on `synthetic()` HR@20 from
-    0.07 to 0.11. Counting every rating (vs only ratings >= 4) lifts ML-100K HR@10 from 0.12 to 0.17 too.
+    components mostly encode popularity and, once vectors are normalised for cosine, rank worse; so does
+    counting only ratings >= 4 (benchmarks/RESULTS.md, "Figures behind design choices").
 Cosine between the returned user and item vectors ranks items for a user.
 """
 from __future__ import annotations

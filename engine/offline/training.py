@@ -1,5 +1,5 @@
 """Offline training of the bootstrap model: iALS with parallel CG sweeps (engine/cpu/ials.py), or the SVD of
-engine/bootstrap.py, with a per-epoch history (loss, and HR@10 on a held-out split when asked).
+engine/offline/svd.py, with a per-epoch history (loss, and HR@10 on a held-out split when asked).
 
 The result is what the server serves: unit item vectors (top-k is cosine), and user vectors re-solved against
 those unit item vectors with the online model's fold-in parameters (see engine/online.py), so a user's first
@@ -24,14 +24,9 @@ from streamrec.engine.signals import is_positive
 
 log = logging.getLogger(__name__)
 
-# Chosen on ML-100K (dim 64, each user's last liked movie held out, HR@10 among unseen items, served ranking:
-# cosine of users re-solved against unit item vectors; one run each, standard error ~0.013):
-#   SVD bootstrap (engine/bootstrap.py) 0.194 (its own unit user vectors: ~0.17)
-#   iALS, unnormalised items while training:   alpha/reg 3/3 0.212, 10/10 0.204, 30/3 0.207, 30/30 0.202
-#   iALS, unit items after every item sweep:   alpha/reg 3/3 0.213, 10/3 0.209, 10/10 0.219-0.226, 30/30 0.206
-#   HR@10 by epoch (10/10, unit items): .08 .17 .20 .21 .21 .21 .21 .22 .22 .22 .22 .22 -> 10 epochs.
-# On the prequential replay (engine/evaluation.py protocol) the iALS bootstrap also beats SVD online:
-# 0.195 vs 0.187 HR@10 (frozen: 0.089 vs 0.091).
+# Chosen on ML-100K (dim 64, each user's last liked movie held out, HR@10 among unseen items): iALS with unit
+# items after every item sweep beat the SVD bootstrap and unnormalised items, and gains stop after ~10 epochs;
+# the grid and the per-epoch curve are in benchmarks/RESULTS.md, "Figures behind design choices".
 DEFAULTS = {"dim": 64, "epochs": 10, "reg": 10.0, "alpha": 10.0, "cg_steps": 3}
 # Users are re-solved against the final unit item vectors with the online model's alpha and reg
 # (EngineConfig.online_alpha / online_reg), so the online fold-in continues the same model.

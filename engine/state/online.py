@@ -7,7 +7,7 @@ depend on how it was cut into batches (live group commits and crash replay cut i
    against the current unit item vectors Y:
        (G + reg I + sum_h alpha c_h y_h y_h^T) x = sum_{h: s_h > 0} (1 + alpha c_h) y_h,   G = Y^T Y (live items)
    with c_h = |s_h| * decay(t_now - t_h), s_h the event's signed strength (sign(w) log1p|w| of
-   bootstrap.event_confidences; negative = SKIP/DISLIKE, preference 0: it pushes x away from that item) and
+   signals.event_confidences; negative = SKIP/DISLIKE, preference 0: it pushes x away from that item) and
    decay = max(0.5^(dt / half_life), floor), so recent events weigh more. Solved by `cg_steps` conjugate-gradient
    steps warm-started from the previous x_u (exact fold-in: `fold_in_exact`; the first event of a user solves
    from zero, i.e. a fold-in from that one event).

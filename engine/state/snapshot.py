@@ -1,7 +1,6 @@
 """What a checkpoint writes, copied out of the live state under the engine lock, so that the records are built and
-written on another thread while events keep changing the state. On a 100k-item catalog the whole checkpoint took
-~1.2 s, all of it a stop for the writer (and its record building for Recommend); the copy takes 50-190 ms, mostly
-the changed users' seen sets and histories."""
+written on another thread while events keep changing the state. Only the copy stops the writer (and Recommend);
+it is mostly the changed users' seen sets and histories (benchmarks/RESULTS.md, "Figures behind design choices")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,14 +1,13 @@
 """Secondary-index entries (idempotency keys, user_log) that are durable but not yet merged into their B-trees.
 
 Why: an event's idempotency key (a client uuid) and its user key land on random leaf pages of large trees, so
-inserting them at every group commit copies and fsyncs one page per event: on a store holding 100k events that
-was ~20 of the ~30 µs of wall time (and 7 of the 10 µs of CPU) each event cost the commit, against ~1 µs for
-the log itself, whose keys only grow. Instead each group commit writes ONE journal record (key: the group's
+inserting them at every group commit copies and fsyncs one page per event, most of what each event cost the
+commit, against a small fraction for the log itself, whose keys only grow. Instead each group commit writes ONE journal record (key: the group's
 first seq, appended; value: the group's keys) in the same transaction as its log records, and keeps the keys in
 memory. The store merges them into the trees many commits at a time (at checkpoints, before an erasure, or when
 too many are pending), in one transaction that also empties the journal, so a leaf page is copied and written
-once per merge rather than once per commit: ~1.7 µs of CPU per record. (Sorting the keys first measured slower:
-the sort costs more in Python than the locality saves in LMDB.) On open, the journal
+once per merge rather than once per commit. (Sorting the keys first measured slower: the sort costs more in
+Python than the locality saves in LMDB.) Figures: benchmarks/RESULTS.md, "Figures behind design choices". On open, the journal
 is read back into memory, so a key acknowledged before a crash still deduplicates after it.
 """
 from __future__ import annotations
