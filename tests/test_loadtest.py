@@ -8,7 +8,8 @@ import random
 import pytest
 
 from streamrec.clients import loadtest
-from streamrec.clients.loadtest import Histogram, Recorder, ZipfSampler
+from streamrec.clients.loadtest.histogram import Histogram, Recorder
+from streamrec.clients.loadtest.runner import ZipfSampler
 from streamrec.server.cli import main as streamrec_main
 
 REPORT_FIELDS = {"scenario", "mode", "processes", "duration_s", "warmup_s", "requests", "ok", "errors", "errors_by_code",
