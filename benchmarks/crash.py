@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from streamrec.clients.client import StreamrecClient, make_event
-from streamrec.server.process import ServerProcess
+from streamrec.cli.process import ServerProcess
 from streamrec.v1 import events_pb2
 
 

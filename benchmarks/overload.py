@@ -28,7 +28,7 @@ from pathlib import Path
 
 from serving import loadtest  # benchmarks/serving.py: one load-tester run, its JSON report
 
-from streamrec.server.process import ServerProcess
+from streamrec.cli.process import ServerProcess
 
 UNBOUNDED = 1_000_000
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from streamrec.server.evaluate_cli import main
+from streamrec.cli.evaluate import main
 
 OUT = Path(__file__).resolve().parent / "out"
 

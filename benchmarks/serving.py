@@ -32,7 +32,7 @@ from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
 from streamrec.engine.offline.datasets import synthetic
 from streamrec.engine.offline.seeding import STORE_FOLDER, seed_engine
-from streamrec.server.process import ServerProcess
+from streamrec.cli.process import ServerProcess
 
 WARMUP_S = 1
 SCENARIOS = [  # (name, loadtest args, floor it is compared with)

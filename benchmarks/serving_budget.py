@@ -38,7 +38,7 @@ from streamrec.engine.config import EngineConfig  # noqa: E402
 from streamrec.engine.engine import Engine  # noqa: E402
 from streamrec.engine.offline.seeding import STORE_FOLDER, open_engine  # noqa: E402
 from streamrec.server import convert  # noqa: E402
-from streamrec.server.process import ServerProcess  # noqa: E402
+from streamrec.cli.process import ServerProcess  # noqa: E402
 from streamrec.v1 import events_pb2, recommend_pb2  # noqa: E402
 
 RECOMMEND_TARGET, EVENTS_X1_TARGET, EVENTS_X100_PER_S = 0.8, 0.8, 100_000

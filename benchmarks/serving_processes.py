@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from streamrec.server.process import ServerProcess, free_port
+from streamrec.cli.process import ServerProcess, free_port
 
 
 def load(address, scenario):

@@ -23,19 +23,9 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from streamrec.clients.client import (
-    DEFAULT_RETRY,
-    NO_RETRY,
-    RetryPolicy,
-    StreamrecClient,
-    StreamResult,
-    _backoff_or_raise,
-    _remaining,
-    auth_metadata,
-    channel_credentials,
-    channel_options,
-    uses_tls,
-)
+from streamrec.clients.channel import auth_metadata, channel_credentials, channel_options, uses_tls
+from streamrec.clients.client import StreamrecClient, StreamResult
+from streamrec.clients.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, _backoff_or_raise, _remaining
 from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 T = TypeVar("T")
@@ -43,7 +33,7 @@ T = TypeVar("T")
 
 async def call_with_retry_async(attempt_fn: Callable[[float | None], Awaitable[T]], policy: RetryPolicy,
                                 deadline: float | None) -> T:
-    """The asyncio form of `client.call_with_retry`."""
+    """The asyncio form of `retry.call_with_retry`."""
     for attempt in itertools.count(1):
         try:
             return await attempt_fn(_remaining(deadline))

@@ -27,16 +27,17 @@ import collections
 import itertools
 import os
 import queue
-import random
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from streamrec.clients.channel import MetadataInterceptor, auth_metadata, make_channel
+from streamrec.clients.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, _backoff_or_raise, _remaining, call_with_retry
 from streamrec.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -50,8 +51,6 @@ from streamrec.v1 import (
 )
 
 EVENT_TYPES = {name.removeprefix("EVENT_TYPE_").lower(): value for name, value in common_pb2.EventType.items() if value}
-
-T = TypeVar("T")
 
 
 def event_type(name_or_number: str | int) -> int:
@@ -103,143 +102,6 @@ class StreamResult:
         self.rejections.extend(ack.rejections)
         self.durable_seq = max(self.durable_seq, ack.durable_seq)
         self.ack_lags_s.append(lag_s)
-
-
-# --- retries ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter. The n-th retry waits min(max_backoff, initial * multiplier**(n-1)),
-    scaled by a random factor in [1 - jitter, 1]. The call's deadline bounds all attempts together."""
-
-    max_attempts: int = 5  # the first attempt included; 1 = no retries
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
-    retryable_codes: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
-
-    def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(0, retry_number - 1))
-        return base * (1.0 - self.jitter * (rng or random).random())
-
-    def should_retry(self, error: BaseException, attempt: int) -> bool:
-        code = error.code() if isinstance(error, grpc.RpcError) and hasattr(error, "code") else None
-        return code in self.retryable_codes and attempt < self.max_attempts
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
-DEFAULT_RETRY = RetryPolicy()
-
-# Calls that are safe to repeat. Event sends are: the server applies an event_id at most once.
-IDEMPOTENT_METHODS = frozenset({"Recommend", "RecommendBatch", "SimilarItems", "GetItem", "GetUser", "Stats",
-                                "Check", "PublishEvents", "StreamEvents"})
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _backoff_or_raise(policy: RetryPolicy, error: BaseException, attempt: int, deadline: float | None) -> float:
-    """The delay before the next attempt; re-raises `error` when no retry is allowed or time is short."""
-    if not policy.should_retry(error, attempt):
-        raise error
-    delay = policy.delay(attempt)
-    if deadline is not None and time.monotonic() + delay >= deadline:
-        raise error
-    return delay
-
-
-def call_with_retry(attempt_fn: Callable[[float | None], T], policy: RetryPolicy, deadline: float | None,
-                    sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run attempt_fn(remaining_timeout_s) until it succeeds, fails with a code the policy does not retry,
-    runs out of attempts, or the next backoff would pass the deadline (then the last error is raised)."""
-    for attempt in itertools.count(1):
-        try:
-            return attempt_fn(_remaining(deadline))
-        except grpc.RpcError as error:
-            sleep(_backoff_or_raise(policy, error, attempt, deadline))
-    raise AssertionError("unreachable")
-
-
-# --- channels, TLS, metadata -------------------------------------------------------------------------------
-
-DEFAULT_CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 16 << 20),  # the server's own limit
-    ("grpc.max_send_message_length", 16 << 20),
-    # Reconnect quickly after a server restart, so retries have a chance within a short deadline.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-
-
-def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
-    """PEM bytes as given, or read from a file path."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return open(os.fspath(value), "rb").read()
-
-
-def channel_credentials(root_certificates=None, certificate_chain=None, private_key=None) -> grpc.ChannelCredentials:
-    """TLS credentials: root_certificates None = the system roots; chain + key = a client certificate (mTLS)."""
-    if (certificate_chain is None) != (private_key is None):
-        raise ValueError("mTLS needs both certificate_chain and private_key")
-    return grpc.ssl_channel_credentials(_pem(root_certificates), _pem(private_key), _pem(certificate_chain))
-
-
-def uses_tls(tls: bool, root_certificates, certificate_chain, private_key) -> bool:
-    return bool(tls or root_certificates is not None or certificate_chain is not None or private_key is not None)
-
-
-def channel_options(options: Sequence[tuple[str, object]] = (), server_name: str | None = None) -> list[tuple[str, object]]:
-    merged = dict(DEFAULT_CHANNEL_OPTIONS)
-    if server_name:
-        merged["grpc.ssl_target_name_override"] = server_name  # a certificate for another host name (tests)
-    merged.update(options)
-    return list(merged.items())
-
-
-def auth_metadata(token: str | None, metadata: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
-    extra = tuple((str(k).lower(), str(v)) for k, v in metadata)
-    return ((("authorization", f"Bearer {token}"),) if token else ()) + extra
-
-
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                           "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
-    pass
-
-
-class MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                          grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds fixed metadata (e.g. `authorization: Bearer <token>`) to every call of a sync channel."""
-
-    def __init__(self, metadata: Sequence[tuple[str, str]]):
-        self.metadata = tuple(metadata)
-
-    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        return _CallDetails(details.method, details.timeout, tuple(details.metadata or ()) + self.metadata,
-                            details.credentials, getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._details(client_call_details), request_iterator)
-
-
-def make_channel(address: str, *, tls: bool = False, root_certificates=None, certificate_chain=None, private_key=None,
-                 server_name: str | None = None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    opts = channel_options(options, server_name)
-    if uses_tls(tls, root_certificates, certificate_chain, private_key):
-        return grpc.secure_channel(address, channel_credentials(root_certificates, certificate_chain, private_key), opts)
-    return grpc.insecure_channel(address, opts)
 
 
 # --- the event stream with flow control -------------------------------------------------------------------

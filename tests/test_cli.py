@@ -1,7 +1,7 @@
 """The CLI against a live server: the commands a person types."""
 from __future__ import annotations
 
-from streamrec.server.cli import main
+from streamrec.cli import main
 
 
 def run(capsys, *argv) -> str:

@@ -16,16 +16,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
 from streamrec.clients.aio import AsyncStreamrecClient
-from streamrec.clients.client import (
-    NO_RETRY,
-    EventStream,
-    RetryPolicy,
-    StreamrecClient,
-    StreamResult,
-    call_with_retry,
-    make_event,
-)
-from streamrec.server.process import ServerProcess
+from streamrec.cli.process import ServerProcess
+from streamrec.clients.client import EventStream, StreamrecClient, StreamResult, make_event
+from streamrec.clients.retry import NO_RETRY, RetryPolicy, call_with_retry
 from streamrec.v1 import catalog_pb2, events_pb2
 
 FAST_RETRY = RetryPolicy(max_attempts=400, initial_backoff_s=0.05, max_backoff_s=0.3)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from streamrec.clients.client import StreamrecClient, make_event
-from streamrec.server.process import ServerProcess
+from streamrec.cli.process import ServerProcess
 from streamrec.v1 import events_pb2
 
 

@@ -15,7 +15,7 @@ from streamrec.engine.engine import Engine
 from streamrec.engine.offline import evaluation as ev
 from streamrec.engine.offline.datasets import Dataset, build_interactions, synthetic
 from streamrec.engine.offline.seeding import seed_engine
-from streamrec.server import evaluate_cli
+from streamrec.cli import evaluate as evaluate_cli
 
 R = EventType.RATING
 

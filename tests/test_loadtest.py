@@ -8,8 +8,9 @@ import random
 import pytest
 
 from streamrec.clients import loadtest
-from streamrec.clients.loadtest import Histogram, Recorder, ZipfSampler
-from streamrec.server.cli import main as streamrec_main
+from streamrec.cli import main as streamrec_main
+from streamrec.clients.loadtest.histogram import Histogram, Recorder
+from streamrec.clients.loadtest.runner import ZipfSampler
 
 REPORT_FIELDS = {"scenario", "mode", "processes", "duration_s", "warmup_s", "requests", "ok", "errors", "errors_by_code",
                  "throughput_rps", "achieved_rate_rps", "latency_ms", "latency_by_op_ms", "event_ack_lag_ms", "events",

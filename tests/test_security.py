@@ -17,11 +17,12 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from streamrec.clients.client import NO_RETRY, StreamrecClient, make_event
+from streamrec.clients.client import StreamrecClient, make_event
+from streamrec.clients.retry import NO_RETRY
 from streamrec.engine.config import EngineConfig
 from streamrec.server import auth
 from streamrec.server.app import ServerConfig, StreamrecServer
-from streamrec.server.cli import main as cli_main
+from streamrec.cli import main as cli_main
 from streamrec.server.tls import TlsConfigError, tls_files
 from streamrec.v1 import catalog_pb2, diagnostics_pb2
 

@@ -132,7 +132,7 @@ def test_svd_method_still_available(syn):
 
 
 def test_train_command_writes_a_store_and_refuses_an_existing_one(tmp_path, capsys):
-    from streamrec.server.cli import main
+    from streamrec.cli import main
 
     argv = ["train", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--dim", "16", "--epochs", "3", "--no-progress"]
     assert main(argv) == 0

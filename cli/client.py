@@ -1,18 +1,19 @@
-"""Client-side commands of the `streamrec` CLI: they talk to a running server through StreamrecClient."""
+"""Client-side commands of the `streamrec` CLI: they talk to a running server through StreamrecClient.
+Reading an event file (`send-events --file`, `load`) is done here, with the engine's parser, so that the
+client library itself (streamrec.clients) never imports the engine or numpy."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import grpc
 from google.protobuf import json_format
 
+from streamrec.cli import env
 from streamrec.clients.client import StreamrecClient, make_event
 from streamrec.v1 import catalog_pb2
 
-DEFAULT_ADDRESS = os.environ.get("STREAMREC_ADDRESS", "127.0.0.1:50051")
+DEFAULT_ADDRESS = env("ADDRESS", "127.0.0.1:50051")
 
 
 def _print(message, as_json: bool) -> None:
@@ -113,19 +114,19 @@ def cmd_loadtest(args, client: StreamrecClient) -> None:
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Auth and TLS: secrets come from files or the environment, never the command line."""
-    parser.add_argument("--token-file", default=os.environ.get("STREAMREC_TOKEN_FILE"),
+    parser.add_argument("--token-file", default=env("TOKEN_FILE", None),
                         help="file holding the bearer token (or env STREAMREC_TOKEN with the token itself)")
-    parser.add_argument("--tls", action="store_true", default=bool(os.environ.get("STREAMREC_TLS")),
+    parser.add_argument("--tls", action="store_true", default=bool(env("TLS", None)),
                         help="connect with TLS (system roots unless --root-cert)")
-    parser.add_argument("--root-cert", default=os.environ.get("STREAMREC_ROOT_CERT"), help="PEM of the CA that signed the server")
-    parser.add_argument("--client-cert", default=os.environ.get("STREAMREC_CLIENT_CERT"), help="mTLS: client certificate (PEM)")
-    parser.add_argument("--client-key", default=os.environ.get("STREAMREC_CLIENT_KEY"), help="mTLS: client key (PEM)")
+    parser.add_argument("--root-cert", default=env("ROOT_CERT", None), help="PEM of the CA that signed the server")
+    parser.add_argument("--client-cert", default=env("CLIENT_CERT", None), help="mTLS: client certificate (PEM)")
+    parser.add_argument("--client-key", default=env("CLIENT_KEY", None), help="mTLS: client key (PEM)")
 
 
 def connection_options(args) -> dict:
     if not hasattr(args, "token_file"):  # commands with their own connection flags (loadtest)
         return {}
-    token = os.environ.get("STREAMREC_TOKEN")
+    token = env("TOKEN", None)
     if args.token_file:
         token = open(args.token_file).read().strip()
     return {

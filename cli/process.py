@@ -29,7 +29,7 @@ class ServerProcess:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
 
     def start(self, timeout_s: float = 90.0) -> "ServerProcess":
-        args = [sys.executable, "-m", "streamrec.server.cli", "serve", "--port", str(self.port), "--data-dir",
+        args = [sys.executable, "-m", "streamrec.cli", "serve", "--port", str(self.port), "--data-dir",
                 str(self.data_dir), "--dataset", self.dataset, "--dim", str(self.dim), *self.extra_args]
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
         pin = None

@@ -4,7 +4,7 @@ PyTorch (extra `train`), export it to ONNX with checks, and measure its lift on 
     streamrec train-reranker                       # ML-100K -> engine/rerank/models/ml100k-reranker.onnx (+ .json)
     streamrec train-reranker --out /tmp/r.onnx --no-lift --epochs 5
 
-The serving side (engine/reranker.py) never imports torch; this command does (lazily, here).
+The serving side (engine/rerank/reranker.py) never imports torch; this command does (lazily, here).
 """
 from __future__ import annotations
 

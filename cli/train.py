@@ -10,16 +10,12 @@ model has been learning in it since it was seeded, and replacing its vectors is 
 """
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-
-def _env(name: str, default):
-    return os.environ.get(f"STREAMREC_{name}", default)
+from streamrec.cli import env
 
 
 def register(subparsers) -> None:
@@ -31,7 +27,7 @@ def register(subparsers) -> None:
                         help="built-in interaction log (default ml-100k)")
     source.add_argument("--events", type=Path, default=None,
                         help="CSV/TSV/Parquet log: user_id, item_id[, type, value, timestamp]")
-    p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", "data")),
+    p.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")),
                    help="the model goes into <data-dir>/lmdb, which must not exist yet (env STREAMREC_DATA_DIR)")
     p.add_argument("--method", choices=["ials", "svd"], default="ials")
     p.add_argument("--dim", type=int, default=DEFAULTS["dim"])
@@ -110,13 +106,3 @@ def run(args) -> int:
     staging.rename(store_dir)
     print(f"wrote {store_dir} (model {version}); start it with: streamrec serve --data-dir {args.data_dir}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="streamrec")
-    register(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

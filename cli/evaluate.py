@@ -213,7 +213,7 @@ def evaluate(args, dataset: Dataset | None = None) -> Report:
 
 def replay_served(folder: Path, events: list[Event], catalog: ev.Catalog, history, args) -> ev.ReplayResult:
     from streamrec.clients.client import StreamrecClient
-    from streamrec.server.process import ServerProcess
+    from streamrec.cli.process import ServerProcess
 
     server = ServerProcess(folder, dataset="none", dim=args.dim,
                            extra_args=("--backend", args.backend, "--no-sync")).start()

@@ -1,0 +1,69 @@
+"""`streamrec serve`: run the server (seeds an empty data dir with a dataset)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from streamrec.cli import env
+from streamrec.cli.rerank import serving_model_path
+from streamrec.engine.config import EngineConfig
+from streamrec.server import auth
+from streamrec.server.app import ServerConfig, StreamrecServer
+from streamrec.server.tls import TlsConfigError
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the server (seeds an empty data dir with a dataset)")
+    serve.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address (env STREAMREC_HOST)")
+    serve.add_argument("--port", type=int, default=int(env("PORT", 50051)), help="0 = any free port (env STREAMREC_PORT)")
+    serve.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")), help="LMDB folder (env STREAMREC_DATA_DIR)")
+    serve.add_argument("--dataset", choices=["ml-100k", "synthetic", "none"], default=env("DATASET", "ml-100k"),
+                       help="seeds an empty data dir (env STREAMREC_DATASET)")
+    serve.add_argument("--dim", type=int, default=int(env("DIM", 64)), help="embedding dimension of a new data dir")
+    serve.add_argument("--backend", default=env("BACKEND", "auto"),
+                       help="top-k backend: auto (cuda with a usable GPU, else numba), numpy, numba, cuda")
+    serve.add_argument("--gpu-storage", choices=["float32", "float16"], default=env("GPU_STORAGE", "float32"),
+                       help="item matrix storage on the GPU (accumulation is float32)")
+    serve.add_argument("--workers", type=int, default=int(env("WORKERS", 32)), help="RPC worker threads")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=env("MAX_CONCURRENT_RPCS", None),
+                       help="calls admitted at once, running or waiting; beyond: RESOURCE_EXHAUSTED (default 4 x workers)")
+    serve.add_argument("--reranker", default=env("RERANKER", "default"),
+                       help="ONNX reranking model (env STREAMREC_RERANKER): a path, 'default' (the shipped ML-100K "
+                            "model, skipped when the dimension differs) or 'none' (retrieval only)")
+    serve.add_argument("--no-rerank", action="store_true",
+                       help="requests are reranked only when they ask (rerank.enabled=true); the model stays loaded")
+    serve.add_argument("--rerank-candidates", type=int, default=int(env("RERANK_CANDIDATES", 200)),
+                       help="retrieved candidates the model reorders per request (env STREAMREC_RERANK_CANDIDATES)")
+    serve.add_argument("--rerank-provider", choices=["auto", "cpu", "cuda"], default=env("RERANK_PROVIDER", "auto"),
+                       help="ONNX Runtime provider: auto = CUDA when usable, else CPU (decided once at start)")
+    serve.add_argument("--checkpoint-interval", type=float, default=float(env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
+    serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
+                       help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
+    serve.add_argument("--no-sync", action="store_true", help="skip fsync per commit (faster; acks no longer survive power loss)")
+    # Security: file paths only, never secrets on the command line (see server/tls.py and server/auth.py).
+    serve.add_argument("--tls-cert", type=Path, default=env("TLS_CERT", None), help="PEM server certificate chain (env STREAMREC_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, default=env("TLS_KEY", None), help="PEM private key (env STREAMREC_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", type=Path, default=env("TLS_CLIENT_CA", None),
+                       help="PEM CA bundle; clients must present a certificate it signed (mutual TLS; env STREAMREC_TLS_CLIENT_CA)")
+    serve.add_argument("--tokens-file", type=Path, default=env("TOKENS_FILE", None),
+                       help="bearer tokens with roles, lines 'ROLE SHA256HEX [NAME]'; re-read when it changes "
+                            "(env STREAMREC_TOKENS_FILE; off by default = no authentication)")
+
+
+def run(args) -> int:
+    engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
+                          reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
+                          rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider)
+    config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
+                          workers=args.workers, engine=engine,
+                          max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),
+                          metrics_port=None if args.metrics_port is None else int(args.metrics_port),
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          tokens_file=args.tokens_file)
+    try:
+        server = StreamrecServer(config)
+    except (TlsConfigError, auth.TokensFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    server.serve_forever()
+    return 0
