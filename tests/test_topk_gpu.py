@@ -2,9 +2,10 @@
 
 * `gpu`-marked tests need a real CUDA GPU (`.venv/bin/pytest -m gpu tests/test_topk_gpu.py`); they are skipped
   elsewhere. They compare against an exact float64 ranking with a tolerance for float32 accumulation.
+  TestCudaContract, the contract every backend meets (tests/topk_contract.py), is one of them.
 * The simulator tests run the same kernels on the CPU under Numba's CUDA simulator, on tiny sizes, in a
   subprocess (the simulator must be switched on before numba.cuda is imported), checking the brute-force
-  reference of test_topk.py exactly, ties included.
+  reference of topk_contract.py exactly, ties included: TestCudaContract itself, and the scenarios below.
 * A compile test builds the kernels for sm_90 with libNVVM when the machine has it: the simulator runs
   Python, so it cannot catch what the CUDA target fails to type or lower.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from numba import config as numba_config
-from test_topk import TIE_TOL, Case, assert_matches, random_case, reference, unit_rows
+from topk_contract import TIE_TOL, Case, TopKContract, assert_matches, random_case, reference, unit_rows
 
 from streamrec.engine.gpu import CUDA_AVAILABLE
 from streamrec.engine.retrieval.topk import Filters, NumpyTopK, TopKBackend, get_backend
@@ -31,6 +32,23 @@ REAL_GPU = CUDA_AVAILABLE and not numba_config.ENABLE_CUDASIM
 requires_gpu = pytest.mark.skipif(
     not REAL_GPU, reason="needs a CUDA GPU usable by numba.cuda; none here (the simulator tests cover the logic)"
 )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The contract every backend meets: on a real GPU with the default configuration, and in the simulator (by
+# test_contract_simulated, in a subprocess) with the small blocks of _sim_backend.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA GPU here; test_contract_simulated runs it on the simulator")
+class TestCudaContract(TopKContract):
+    bit_exact = False  # float32 accumulation: held to the reference within TIE_TOL, not to NumpyTopK's bits
+
+    def backend(self):
+        from streamrec.engine.gpu.topk import CudaTopK
+
+        return CudaTopK() if REAL_GPU else _sim_backend()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -47,7 +65,7 @@ def _sim_backend(**options):
 
 
 def _case_for(items: np.ndarray, queries: np.ndarray, f: Filters, n: int) -> Case:
-    """A test_topk Case describing rows [0, n) of items under filters f (bitsets turned back into id lists)."""
+    """A Case describing rows [0, n) of items under filters f (bitsets turned back into id lists)."""
     def ids(bits: np.ndarray) -> list[int]:
         return [w * 64 + i for w in range(bits.shape[0]) for i in range(64) if (int(bits[w]) >> i) & 1]
 
@@ -87,61 +105,44 @@ def sim_search() -> int:
     return checks + 3
 
 
-def sim_ties() -> int:
-    """Bit-identical duplicated rows break ties by row, also when tie groups straddle the k-th place."""
-    rng = np.random.default_rng(7)
-    case = random_case(rng, 2, 100, 6, pool=4)
-    f = case.filters()
-    distinct = sorted({float(np.float32(q @ v)) for q in case.queries for v in case.items})
-    assert min(np.diff(distinct)) > TIE_TOL  # every tie below is exact
-    backend = _sim_backend()
-    ref = reference(case, 25)
-    rows, scores = backend.search(case.queries, case.items, 25, f)
-    assert_matches(rows, scores, ref, 25)
-    assert rows.tolist() == [r + [-1] * (25 - len(r)) for r, _ in ref]
-    rows, _ = backend.search(case.queries, case.items, 17, Filters.none(2, 100))
-    plain = Case(case.queries, case.items, [True] * 100, [[]] * 2, [[]] * 100, [[]] * 2, [[]] * 2)
-    assert rows.tolist() == [r for r, _ in reference(plain, 17)]
-    return 2
+def sim_backend_sync() -> int:
+    """CudaTopK.sync / search_synced: a resident matrix in the configured storage dtype, uploads of the changed
+    and new rows only, searches of the first filters.num_items rows, and filters beyond the synced rows refused."""
+    assert get_backend("cuda", gpu_storage="float16").storage_dtype == np.float16
+    rng = np.random.default_rng(14)
+    case = random_case(rng, 2, 100, 5)
+    every = case.filters()
+    vectors, live, cats = case.items.copy(), every.valid.copy(), every.item_cats.copy()
+    rounded = vectors.astype(np.float16).astype(np.float32)
+    backend = _sim_backend(storage_dtype=np.float16)
 
+    def filters(n: int) -> Filters:
+        return Filters(live[:n].copy(), every.exclude_indptr, every.exclude_rows, cats[:n], every.include_cats,
+                       every.exclude_cats)
 
-def sim_edges() -> int:
-    """k > N, everything filtered out, empty batches, and rank_scores with ties, NaN and -inf."""
-    backend = _sim_backend()
-    rng = np.random.default_rng(2)
-    q, items = unit_rows(rng, 3, 4), unit_rows(rng, 10, 4)
-    rows, scores = backend.search(q[:2], items[:3], 5, Filters.none(2, 3))
-    assert sorted(rows[0, :3].tolist()) == [0, 1, 2] and (rows[:, 3:] == -1).all() and (scores[:, 3:] == -np.inf).all()
-    everyone = [list(range(10))] * 3
-    for f in (
-        Filters.build([False] * 10, [[]] * 3),
-        Filters.build([True] * 10, everyone),
-        Filters.build([True] * 10, [[]] * 3, [[1]] * 10, [[200]] * 3),
-        Filters.build([True] * 10, [[]] * 3, [[1, 70]] * 10, None, [[70]] * 3),
-    ):
-        rows, scores = backend.search(q, items, 4, f)
-        assert (rows == -1).all() and (scores == -np.inf).all()
-    for b, n in ((0, 5), (3, 0)):
-        rows, scores = backend.search(unit_rows(rng, b, 4), unit_rows(rng, n, 4), 3, Filters.none(b, n))
-        assert rows.shape == (b, 3) and (rows == -1).all()
-        rows, _ = backend.rank_scores(np.zeros(n, np.float32), 2, Filters.none(b, n))
-        assert rows.shape == (b, 2) and (rows == -1).all()
+    backend.sync(vectors, live, cats, 80, np.zeros(0, np.int64))
+    matrix = backend._synced
+    assert matrix.dtype == np.float16 and (matrix.full_uploads, matrix.rows_uploaded, matrix.n_rows) == (1, 80, 80)
+    for n in (80, 50):
+        f = filters(n)
+        rows, scores = backend.search_synced(case.queries, vectors[:n], 10, f)
+        assert_matches(rows, scores, reference(_case_for(rounded, case.queries, f, n), 10), 10)
 
-    b, n, k = 3, 90, 12
-    case = random_case(np.random.default_rng(11), b, n, 2)
-    f = case.filters()
-    shared = rng.integers(0, 6, size=n).astype(np.float32)  # small integers: ties everywhere
-    shared[[3, 8]] = -np.inf
-    shared[5] = np.nan
-    shared[9] = -0.0
-    rows, scores = backend.rank_scores(shared, k, f)
-    want = NumpyTopK().rank_scores(shared, k, f)
-    assert (rows == want[0]).all() and (scores == want[1]).all()
-    per_query = rng.integers(-3, 4, size=(b, n)).astype(np.float32)
-    rows, scores = backend.rank_scores(per_query, 40, f)
-    want = NumpyTopK().rank_scores(per_query, 40, f)
-    assert (rows == want[0]).all() and (scores == want[1]).all()
-    return 8
+    vectors[5] = case.queries[1]
+    rounded[5] = vectors[5].astype(np.float16)
+    live[5] = True
+    backend.sync(vectors, live, cats, 100, np.array([5], np.int64))
+    assert backend._synced is matrix and (matrix.full_uploads, matrix.rows_uploaded, matrix.n_rows) == (1, 101, 100)
+    rows, _ = backend.search_synced(case.queries, vectors, 10, Filters.build(live, [[], []]))
+    assert rows[1, 0] == 5
+    f = filters(100)
+    rows, scores = backend.search_synced(case.queries, vectors, 10, f)
+    assert_matches(rows, scores, reference(_case_for(rounded, case.queries, f, 100), 10), 10)
+
+    more = np.concatenate([vectors, unit_rows(rng, 3, 5)])
+    with pytest.raises(ValueError, match="synced"):
+        backend.search_synced(case.queries, more, 10, Filters.none(2, 103))
+    return 5
 
 
 def sim_sync() -> int:
@@ -226,7 +227,7 @@ def sim_protocol_updates() -> int:
     return 3
 
 
-SIM_SCENARIOS = {f.__name__: f for f in (sim_search, sim_ties, sim_edges, sim_sync, sim_protocol_updates)}
+SIM_SCENARIOS = {f.__name__: f for f in (sim_search, sim_backend_sync, sim_sync, sim_protocol_updates)}
 
 
 def sim_main(name: str) -> None:
@@ -252,6 +253,23 @@ def run_simulated(name: str) -> dict:
 def test_simulated(name: str) -> None:
     result = run_simulated(name)
     assert result["scenario"] == name and result["checks"] > 0
+
+
+def test_contract_simulated() -> None:
+    """TestCudaContract in a pytest subprocess with the simulator on, set up as run_simulated does."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "STREAMREC_ALLOW_CUDASIM": "1"}
+    node = f"{HERE / 'test_topk_gpu.py'}::TestCudaContract"
+    code = (
+        f"import sys; sys.setswitchinterval(1e-4); sys.path.insert(0, {str(HERE)!r}); "
+        "from cudasim_shared_fix import patch_shared_arrays; patch_shared_arrays(); "
+        # --noconftest: tests/conftest.py imports the server, which this run does not need.
+        f"import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--noconftest', {node!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE.parent, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, f"simulated contract failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-2000:]}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"skipped|failed|error", summary), summary
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,7 +311,7 @@ if not nvvm.is_available():
     print(json.dumps({"skip": "libNVVM not found"})); sys.exit(0)
 # Device functions are compiled for the current device's compute capability; there is none here.
 dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-from streamrec.engine.gpu import topk as G
+from streamrec.engine.gpu import kernels as G
 A = lambda t, nd: T.Array(t, nd, "C")
 u64, f32, f16, i64, u8 = T.uint64, T.float32, T.float16, T.int64, T.uint8
 # live, cats, inc, exc, inc_any, ex_ptr, ex_rows, upper, n, span, kth, kp, t, out

@@ -1,4 +1,6 @@
-"""NumbaTopK against NumpyTopK and the brute-force reference of test_topk.py, on every code path."""
+"""NumbaTopK on every code path: the contract every backend meets (tests/topk_contract.py), then sizes that
+cross its part, block and chunk boundaries, long exclude lists, large k, threads, against NumpyTopK and the
+brute-force reference."""
 from __future__ import annotations
 
 import threading
@@ -8,12 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamrec.engine.retrieval.topk import Filters, NumpyTopK, TopKBackend, get_backend
+from streamrec.engine.retrieval.topk import Filters, HostBackend, NumpyTopK, TopKBackend, get_backend
 
 numba_topk = pytest.importorskip("streamrec.engine.cpu.topk")
 NumbaTopK = numba_topk.NumbaTopK
 
-from test_topk import assert_matches, random_case, reference, unit_rows  # noqa: E402  (tests dir is on sys.path)
+from topk_contract import (  # noqa: E402  (tests dir is on sys.path)
+    TopKContract,
+    assert_matches,
+    assert_same,
+    random_case,
+    reference,
+    unit_rows,
+)
 
 # Every scoring path, with small blocks so that odd sizes cross part, row-block, query-block and BLAS-chunk
 # boundaries: min_parallel_work=0 and min_part_rows=5 give parallel calls with several parts per query
@@ -30,12 +39,23 @@ def backend(path: str) -> NumbaTopK:
     return NumbaTopK(**PATHS[path])
 
 
-def assert_same(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray]) -> None:
-    """Exactly the reference backend's answer: same rows, same float32 scores, same padding."""
-    assert got[0].dtype == np.int64 and got[1].dtype == np.float32
-    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
+class TestNumbaContract(TopKContract):
+    path = "default"
+
+    def backend(self) -> NumbaTopK:
+        return backend(self.path)
+
+
+class TestNumbaContractSum(TestNumbaContract):
+    path = "sum"
+
+
+class TestNumbaContractBcast(TestNumbaContract):
+    path = "bcast"
+
+
+class TestNumbaContractBlas(TestNumbaContract):
+    path = "blas"
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -80,22 +100,6 @@ def test_large_k(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_all_excluded(path: str) -> None:
-    rng = np.random.default_rng(2)
-    q, items = unit_rows(rng, 3, 4), unit_rows(rng, 10, 4)
-    everyone = [list(range(10))] * 3
-    cases = [
-        Filters.build([False] * 10, [[]] * 3),
-        Filters.build([True] * 10, everyone),
-        Filters.build([True] * 10, [[]] * 3, [[1]] * 10, [[200]] * 3),  # include a category no item has
-        Filters.build([True] * 10, [[]] * 3, [[1, 70]] * 10, None, [[70]] * 3),  # exclude one all have
-    ]
-    for f in cases:
-        rows, scores = backend(path).search(q, items, 4, f)
-        assert (rows == -1).all() and (scores == -np.inf).all()
-
-
-@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("parallel_prep", [False, True])
 def test_long_and_short_exclude_lists(path: str, parallel_prep: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Long lists (>= max(256, N/512) entries) become bitmaps, short ones are sorted and binary-searched.
@@ -121,33 +125,6 @@ def test_long_and_short_exclude_lists(path: str, parallel_prep: bool, monkeypatc
     assert (got[0][4] == -1).all()
     sc = (q @ items.T).astype(np.float32)
     assert_same(backend(path).rank_scores(sc, 50, f), NumpyTopK().rank_scores(sc, 50, f))
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_categories_across_word_boundary(path: str) -> None:
-    rng = np.random.default_rng(9)
-    n = 40
-    q, items = unit_rows(rng, 4, 6), unit_rows(rng, n, 6)
-    item_cats = [[63] if r % 4 == 0 else [64] if r % 4 == 1 else [127, 0] if r % 4 == 2 else [] for r in range(n)]
-    f = Filters.build([True] * n, [[]] * 4, item_cats, [[64], [63, 127], [], []], [[], [0], [64, 63], [127]])
-    got = backend(path).search(q, items, n, f)
-    assert_same(got, NumpyTopK().search(q, items, n, f))
-    allowed = [{1}, {0}, {2, 3}, {0, 1, 3}]  # r % 4 classes each query may return
-    for qi, classes in enumerate(allowed):
-        live = got[0][qi][got[0][qi] >= 0]
-        assert sorted(live.tolist()) == [r for r in range(n) if r % 4 in classes]
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("b,n", [(0, 0), (0, 5), (3, 0)])
-def test_empty_shapes(path: str, b: int, n: int) -> None:
-    rng = np.random.default_rng(0)
-    rows, scores = backend(path).search(unit_rows(rng, b, 4), unit_rows(rng, n, 4), 3, Filters.none(b, n))
-    assert rows.shape == scores.shape == (b, 3) and rows.dtype == np.int64 and scores.dtype == np.float32
-    assert (rows == -1).all() and (scores == -np.inf).all()
-    for s in (np.zeros(n, np.float32), np.zeros((b, n), np.float32)):
-        rows, scores = backend(path).rank_scores(s, 2, Filters.none(b, n))
-        assert rows.shape == (b, 2) and (rows == -1).all() and (scores == -np.inf).all()
 
 
 @pytest.mark.parametrize("path", ["sum", "default"])
@@ -188,30 +165,11 @@ def test_scores_are_exact_on_every_path() -> None:
         assert (rows[0] == want[0][qi]).all() and (scores[0] == want[1][qi]).all()
 
 
-def test_input_layouts_and_dtypes() -> None:
-    rng = np.random.default_rng(4)
-    q, items = unit_rows(rng, 5, 9), unit_rows(rng, 300, 9)
-    f = Filters.none(5, 300)
-    want = NumbaTopK().search(q, items, 7, f)
-    assert_same(NumbaTopK().search(np.asfortranarray(q).astype(np.float64), np.asfortranarray(items), 7, f), want)
-    assert_same(NumbaTopK().search(q, items[:, :], 7.0, f), want)
-
-
-def test_validation_errors() -> None:
-    b = NumbaTopK()
-    q, items = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
-    with pytest.raises(ValueError):
-        b.search(q, items, 0, Filters.none(2, 4))
-    with pytest.raises(ValueError):
-        b.search(q, items, 1, Filters.none(3, 4))
-    with pytest.raises(ValueError):
-        b.search(q, np.ones((4, 2), np.float32), 1, Filters.none(2, 4))
-    with pytest.raises(ValueError):
-        b.rank_scores(np.ones((2, 5), np.float32), 1, Filters.none(2, 4))
-    with pytest.raises(ValueError):
-        b.rank_scores(np.ones((2, 2, 2), np.float32), 1, Filters.none(2, 2))
-    with pytest.raises(ValueError):
-        NumbaTopK(query_block=0)
+def test_constructor_validation() -> None:
+    for bad in (dict(query_block=0), dict(block_bytes=0), dict(parts_per_thread=0), dict(min_part_rows=0),
+                dict(bcast_min_batch=-1), dict(fused_max_batch=-1)):
+        with pytest.raises(ValueError):
+            NumbaTopK(**bad)
 
 
 def test_concurrent_calls_from_threads() -> None:
@@ -240,6 +198,7 @@ def test_registry_and_warmup() -> None:
     for name in ("numba", "auto"):
         b = get_backend(name)
         assert isinstance(b, NumbaTopK) and isinstance(b, TopKBackend) and b.name == "numba"
+        assert isinstance(b, HostBackend)
 
 
 @settings(max_examples=60, deadline=None)

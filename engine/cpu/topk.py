@@ -1,13 +1,15 @@
 """Numba CPU backend for exact top-k with filters: the same contract and results as `topk.NumpyTopK`.
+This file holds the kernels and their driver, NumbaTopK; the register tiles they call are in tiles.py.
 
 Scoring: one fused pass over the items, parallel over item parts (handed out dynamically), with register
-tiles written as LLVM vector IR (no loop form got LLVM to emit them):
+tiles written as LLVM vector IR (tiles.py; no loop form got LLVM to emit them):
 
 * B < bcast_min_batch (5): "sum" tiles, dot products along d then one shuffle/add tree for 8 horizontal
   sums; 8 rows x 1 query for a lone query, so B = 1 stays memory-bound (items read exactly once).
 * larger B: "broadcast" tiles, 4 rows x 16 queries (queries transposed once per call), one coordinate
-  of a row broadcast against 8 queries per FMA: finished dots in the accumulators, ~4.2 cycles per
-  (row, query) at d = 64, about the FMA peak and faster than OpenBLAS sgemm on this AVX2 host.
+  of a row broadcast against 8 queries per FMA: finished dots in the accumulators, no horizontal sums,
+  so close to the FMA peak; faster than OpenBLAS sgemm on the AVX2 host it was tuned on
+  (benchmarks/RESULTS.md, 'Figures behind design choices').
 * optional BLAS path (B > fused_max_batch; off by default): numpy float32 matmul on cache-sized item
   chunks, then a scan of the score block. It lost to the fused kernel at every B measured here (see
   NumbaTopK), and alternating with OpenBLAS's spinning thread pool made it erratic on a loaded host.
@@ -22,18 +24,16 @@ cost nothing for rows that never reach the gate. Parts' heaps are merged with on
 
 Small searches (too little work for a parallel region: a served batch on a small catalog) run as one
 compiled call from filter plan to merged result, since a dozen NumPy calls around the kernel cost more
-than the kernel there (ML-100K, B=1: 117 -> 38 us; benchmarks/retrieval.py).
+than the kernel there (benchmarks/RESULTS.md, 'Figures behind design choices').
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from streamrec.engine.retrieval.topk import Filters, _check_k, check_search_args
+from streamrec.engine.cpu.tiles import _bcast4x8, _bcast4x16, _bits_f32, _f32_bits, _sum4x2, _sum8x1
+from streamrec.engine.retrieval.topk import Filters, HostBackend, check_k, check_search_args, empty_result
 
 __all__ = ["NumbaTopK", "warmup"]
 
@@ -48,186 +48,6 @@ _QUERY_BLOCK = 64  # broadcast tiles: transposed query columns kept in L1 (16 Ki
 # Gate-only float32 code: reassociation and FMA contraction, but not nnan/ninf (NaN and -inf checks).
 _FAST = {"reassoc", "contract"}
 
-
-@intrinsic
-def _f32_bits(typingctx, x):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, x):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-_F32 = ir.FloatType()
-_V8 = ir.VectorType(_F32, 8)
-_I32 = ir.IntType(32)
-
-
-def _vload(builder, ptr, offset):
-    p = builder.gep(ptr, [offset])
-    return builder.load(builder.bitcast(p, _V8.as_pointer()), align=4)
-
-
-def _shuffle(builder, a, b, lanes):
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 8), lanes))
-
-
-def _pair_sum(builder, a, b, lo, hi):
-    return builder.fadd(_shuffle(builder, a, b, lo), _shuffle(builder, a, b, hi))
-
-
-def _make_sum_tile(rows: int):
-    """Intrinsic scoring `rows` consecutive item rows against 8 // rows queries (rows = 4: queries qa, qb;
-    rows = 8: qa only), vectorised along d, for batches too small for the broadcast tiles.
-
-    f(queries, qa, qb, items, row, ga, gb, out) -> uint32 mask: lane i = dot(items[row + i % rows],
-    query (qa, qb)[i // rows]) goes to out[i], bit i set when it is >= that query's gate (ga, gb).
-    8 accumulators + their operands fit the 16 AVX registers and every load feeds 1 .. 4 FMAs; the 8
-    horizontal sums come out of one shuffle/add tree. The last d % 8 dims go through a zero-padded
-    stack buffer, so any d works.
-    """
-    nq = 8 // rows
-
-    @intrinsic
-    def tile(typingctx, queries, qa, qb, items, row, ga, gb, out):
-        f32c2 = types.Array(types.float32, 2, "C")
-        if queries != f32c2 or items != f32c2 or out != types.Array(types.float32, 1, "C"):
-            return None
-        sig = types.uint32(queries, types.intp, types.intp, items, types.intp, types.float32, types.float32, out)
-
-        def codegen(context, builder, signature, args):
-            qarr = context.make_array(signature.args[0])(context, builder, args[0])
-            xarr = context.make_array(signature.args[3])(context, builder, args[3])
-            oarr = context.make_array(signature.args[7])(context, builder, args[7])
-            d = cgutils.unpack_tuple(builder, qarr.shape, 2)[1]
-            qp = [builder.gep(qarr.data, [builder.mul(q, d)]) for q in (args[1], args[2])[:nq]]
-            row = args[4]
-            xp = [builder.gep(xarr.data, [builder.mul(builder.add(row, ir.Constant(row.type, i)), d)])
-                  for i in range(rows)]
-            fmuladd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fmuladd.v8f32")
-            zero = ir.Constant(_V8, [0.0] * 8)
-            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(8)]  # promoted to registers
-
-            def step(vq, vx):
-                for i, a in enumerate(acc):
-                    builder.store(builder.call(fmuladd, [vq[i // rows], vx[i % rows], builder.load(a)]), a)
-
-            nfull = builder.lshr(d, ir.Constant(d.type, 3))
-            with cgutils.for_range(builder, nfull) as loop:
-                j = builder.shl(loop.index, ir.Constant(d.type, 3))
-                step([_vload(builder, ptr, j) for ptr in qp], [_vload(builder, ptr, j) for ptr in xp])
-            rem = builder.and_(d, ir.Constant(d.type, 7))
-            with builder.if_then(builder.icmp_unsigned("!=", rem, ir.Constant(d.type, 0)), likely=False):
-                j0 = builder.shl(nfull, ir.Constant(d.type, 3))
-                tails = []
-                for ptr in qp + xp:
-                    buf = cgutils.alloca_once(builder, _V8)
-                    builder.store(zero, buf)
-                    fbuf = builder.bitcast(buf, _F32.as_pointer())
-                    with cgutils.for_range(builder, rem) as t:
-                        builder.store(builder.load(builder.gep(ptr, [builder.add(j0, t.index)])),
-                                      builder.gep(fbuf, [t.index]))
-                    tails.append(builder.load(buf))
-                step(tails[:nq], tails[nq:])
-            a = [builder.load(x) for x in acc]
-            # Transpose-and-add tree: lane i of the result is the sum of all lanes of a[i].
-            ev, od = [0, 8, 2, 10, 4, 12, 6, 14], [1, 9, 3, 11, 5, 13, 7, 15]
-            p = [_pair_sum(builder, a[2 * i], a[2 * i + 1], ev, od) for i in range(4)]
-            lo2, hi2 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-            q = [_pair_sum(builder, p[0], p[1], lo2, hi2), _pair_sum(builder, p[2], p[3], lo2, hi2)]
-            sums = _pair_sum(builder, q[0], q[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
-            builder.store(sums, builder.bitcast(oarr.data, _V8.as_pointer()), align=4)
-            g = builder.insert_element(ir.Constant(_V8, ir.Undefined), args[5], ir.Constant(_I32, 0))
-            g = builder.insert_element(g, args[6], ir.Constant(_I32, 1))
-            g = _shuffle(builder, g, g, [i // rows for i in range(8)])
-            hit = builder.fcmp_ordered(">=", sums, g)  # NaN never passes
-            return builder.zext(builder.bitcast(hit, ir.IntType(8)), _I32)
-
-        return sig, codegen
-
-    return tile
-
-
-_sum4x2 = _make_sum_tile(4)
-_sum8x1 = _make_sum_tile(8)
-
-
-def _make_bcast_tile(vecs: int):
-    """Intrinsic scoring 4 item rows against 8 * vecs queries held transposed (qt [d, Bpad]).
-
-    The GEMM-style tile for bigger batches: each step broadcasts one coordinate of each row and does an
-    FMA with 8 queries' coordinates, so accumulators hold finished dots (no horizontal sums) and each
-    call does 4 * 8 * vecs * d FMAs for a few instructions of overhead.
-    f(qt, col, items, row, gates, out) -> uint64 mask, bit ri * 8 * vecs + c set when
-    out[ri * 8 * vecs + c] = dot(items[row + ri], query col + c) >= gates[col + c].
-    """
-    width = 8 * vecs
-
-    @intrinsic
-    def tile(typingctx, qt, col, items, row, gates, out):
-        f32c2, f32c1 = types.Array(types.float32, 2, "C"), types.Array(types.float32, 1, "C")
-        if qt != f32c2 or items != f32c2 or gates != f32c1 or out != f32c1:
-            return None
-        sig = types.uint64(qt, types.intp, items, types.intp, gates, out)
-
-        def codegen(context, builder, signature, args):
-            qarr = context.make_array(signature.args[0])(context, builder, args[0])
-            xarr = context.make_array(signature.args[2])(context, builder, args[2])
-            garr = context.make_array(signature.args[4])(context, builder, args[4])
-            oarr = context.make_array(signature.args[5])(context, builder, args[5])
-            d, bpad = cgutils.unpack_tuple(builder, qarr.shape, 2)
-            col, row = args[1], args[3]
-            qbase = builder.gep(qarr.data, [col])
-            xp = [builder.gep(xarr.data, [builder.mul(builder.add(row, ir.Constant(row.type, i)), d)])
-                  for i in range(4)]
-            fmuladd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fmuladd.v8f32")
-            zero = ir.Constant(_V8, [0.0] * 8)
-            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(4 * vecs)]
-            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
-            with cgutils.for_range(builder, d) as loop:
-                qrow = builder.gep(qbase, [builder.mul(loop.index, bpad)])
-                qv = [_vload(builder, qrow, ir.Constant(d.type, 8 * v)) for v in range(vecs)]
-                for ri in range(4):
-                    x = builder.load(builder.gep(xp[ri], [loop.index]))
-                    xv = builder.insert_element(ir.Constant(_V8, ir.Undefined), x, ir.Constant(_I32, 0))
-                    xv = builder.shuffle_vector(xv, xv, splat)
-                    for v in range(vecs):
-                        a = acc[ri * vecs + v]
-                        builder.store(builder.call(fmuladd, [xv, qv[v], builder.load(a)]), a)
-            mask = ir.Constant(ir.IntType(64), 0)
-            gbase = builder.gep(garr.data, [col])
-            for v in range(vecs):
-                g = _vload(builder, gbase, ir.Constant(d.type, 8 * v))
-                for ri in range(4):
-                    a = builder.load(acc[ri * vecs + v])
-                    slot = ri * width + 8 * v
-                    builder.store(a, builder.bitcast(builder.gep(oarr.data, [ir.Constant(d.type, slot)]),
-                                                     _V8.as_pointer()), align=4)
-                    hit = builder.zext(builder.bitcast(builder.fcmp_ordered(">=", a, g), ir.IntType(8)),
-                                       ir.IntType(64))
-                    mask = builder.or_(mask, builder.shl(hit, ir.Constant(ir.IntType(64), slot)))
-            return mask
-
-        return sig, codegen
-
-    return tile
-
-
-_bcast4x16 = _make_bcast_tile(2)
-_bcast4x8 = _make_bcast_tile(1)
 
 @njit(inline="always", nogil=True, cache=True)
 def _key(score, row):
@@ -338,7 +158,7 @@ def _dot32(q, x):
 def _offer(heap, b, r, score, rescore, queries, items, margin, gate, flt):
     """Row r reached query b's gate: filter, (re)score exactly, keep if it beats the root; -> new gate.
     Inlined (at Numba IR level; no caller is fast-math): as a call, passing the ten filter arrays cost
-    more than the work (ML-100K, B = 32: 630 -> 515 us per search). _dot64 stays a call, see there."""
+    more than the work (benchmarks/RESULTS.md, 'Figures behind design choices'). _dot64 stays a call, see there."""
     if not _allowed(b, r, flt):
         return gate
     if rescore:
@@ -378,7 +198,8 @@ def _sum_part(queries, q0, items, lo, hi, p, heaps, margins, flt):
     an odd last query an 8x1 tile, so a lone query costs ~1 FMA per loaded float and stays memory-bound.
 
     Kept out of the prange body and split into one function per tile shape: with both shapes in one
-    loop nest the 8x1 loop ran ~20% slower (register allocation), which shows at B = 1.
+    loop nest the 8x1 loop ran slower (register allocation), which shows at B = 1
+    (benchmarks/RESULTS.md, 'Figures behind design choices').
     """
     nq = heaps.shape[0]
     gates = np.full(nq, -np.inf, dtype=np.float32)
@@ -666,23 +487,23 @@ def _search_serial(queries, items, keff, bcast_min_batch, query_block, flt, out_
         _merge_serial(heaps, out_rows[q0:q0 + nq], out_scores[q0:q0 + nq])
 
 
-class NumbaTopK:
+class NumbaTopK(HostBackend):
     """Numba backend (name "numba"); see the module docstring. Tuned on a shared 2-core AVX2 EPYC.
 
     fused_max_batch: None (default) scores every batch with the fused kernel; an int sends bigger batches
-        to the BLAS path. The crossover never came: at N = 1M, d = 64 the BLAS path measured 1.4-3x
-        slower at B = 1, 16 and 256 (sgemm alone is ~1.9 ns per (row, query) on one core against the
-        broadcast tile's ~1.35 ns, plus the score-block scan). Worth trying where BLAS has AVX-512.
+        to the BLAS path. The crossover never came: the BLAS path was slower at every batch size measured,
+        as sgemm alone costs more per (row, query) than the broadcast tile, and the score block still has
+        to be scanned (benchmarks/RESULTS.md, 'Figures behind design choices'). Worth trying where BLAS has AVX-512.
     bcast_min_batch: smallest query block scored with broadcast tiles rather than sum tiles. Sum tiles win
-        at B <= 2 (no padding of the query side), are even at 3-4, broadcast tiles win from ~5 (1.2x at
-        B = 6, 1.5x at 8, 1.8x at 16).
+        at B <= 2 (no padding of the query side), are even at 3-4, broadcast tiles win from ~5, by more the
+        larger the block (benchmarks/RESULTS.md, 'Figures behind design choices').
     query_block: queries per pass over the items (bounds heap memory: query_block * parts * k * 8 bytes).
     block_bytes: size of one float32 [queries, chunk] score block on the BLAS path.
     parts_per_thread: item parts per thread, handed out dynamically so that a thread slowed by other
         processes does not hold up the call; min_part_rows: the smallest part.
-    min_parallel_work: below this many multiply-adds (~1 ms on one core) a call runs in the calling
-        thread: a parallel region's barrier costs ~30 us, and milliseconds whenever the host is loaded
-        and a worker thread is descheduled (seen as 1-18 ms outliers on 20 us calls).
+    min_parallel_work: below this many multiply-adds a call runs in the calling thread: a parallel
+        region's barrier costs more than such a call, and far more whenever the host is loaded and a
+        worker thread is descheduled (benchmarks/RESULTS.md, 'Figures behind design choices').
     """
 
     name = "numba"
@@ -704,7 +525,7 @@ class NumbaTopK:
 
     def warmup(self) -> None:
         """The Engine calls this at start (as for the CUDA backend): every kernel specialisation compiled or
-        loaded from Numba's cache now, not on the first request (~20 ms there otherwise)."""
+        loaded from Numba's cache now, not on the first request."""
         warmup()
 
     def search(
@@ -712,7 +533,7 @@ class NumbaTopK:
     ) -> tuple[np.ndarray, np.ndarray]:
         queries, items, k = check_search_args(queries, items, k, filters)
         b, n = queries.shape[0], items.shape[0]
-        out_rows, out_scores = _padding(b, k)
+        out_rows, out_scores = empty_result(b, k)
         if b == 0 or n == 0:
             return out_rows, out_scores
         _check_rows(n)
@@ -750,7 +571,7 @@ class NumbaTopK:
         return out_rows, out_scores
 
     def rank_scores(self, scores: np.ndarray, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
+        k = check_k(k)
         scores = np.ascontiguousarray(scores, dtype=np.float32)
         if scores.ndim == 1:
             b, shared = filters.num_queries, True
@@ -761,7 +582,7 @@ class NumbaTopK:
             raise ValueError(f"scores must be [N] or [B, N], got shape {scores.shape}")
         n = scores.shape[1]
         filters.check(b, n)
-        out_rows, out_scores = _padding(b, k)
+        out_rows, out_scores = empty_result(b, k)
         if b == 0 or n == 0:
             return out_rows, out_scores
         _check_rows(n)
@@ -802,7 +623,7 @@ class NumbaTopK:
         """Item parts per task (query): enough (tasks * parts) to keep every thread busy, but each part at
         least min_part_rows and 64 * keff rows, so that heaps and the merge stay small next to the scan.
         One part, run in the calling thread, when the work (~multiply-adds) is too small to be worth a
-        parallel region: its barrier costs ~30 us, and milliseconds when a worker thread is descheduled."""
+        parallel region: its barrier costs more, and far more when a worker thread is descheduled."""
         if work < self.min_parallel_work:
             return 1
         want = -(-numba.get_num_threads() * self.parts_per_thread // tasks)
@@ -811,10 +632,6 @@ class NumbaTopK:
     @staticmethod
     def _heaps(nq: int, parts: int, keff: int) -> np.ndarray:
         return np.full((nq, parts, keff), _EMPTY, dtype=np.uint64)
-
-
-def _padding(b: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.full((b, k), -1, dtype=np.int64), np.full((b, k), -np.inf, dtype=np.float32)
 
 
 def _check_rows(n: int) -> None:

@@ -1,5 +1,8 @@
 """GPU backends. Importing this package never raises: `CUDA_AVAILABLE` says whether numba.cuda can be used.
 
+topk.py holds CudaTopK (the backend: host driver), kernels.py its CUDA kernels, device.py the device-resident
+item matrix and per-call device buffers. Those import numba.cuda, so only CudaTopK's users import them.
+
 Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) reports a device, but it runs kernels in Python threads, so
 it only counts as available when STREAMREC_ALLOW_CUDASIM=1 asks for it too (the simulator tests do).
 """

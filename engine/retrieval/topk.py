@@ -12,10 +12,15 @@ exactly what `NumpyTopK` returns for the same float32 scores, so the selection r
   near-ties depend on batching; rounding a float64 sum gives the same float32 for any summation order
   (barring a ~1e-8-per-entry straddle), so kernels accumulating in float64 can match rows exactly.
 * Candidates are ordered by (-score, row): score descending, smaller row first on exact float32 ties.
-* The first k are returned; missing places are padded with row -1 and score -inf.
+* The first k are returned; missing places are padded with row -1 and score -inf (`empty_result`).
+
+Every backend serves the Retriever through one protocol: `sync` hands it the live catalog under the engine's
+lock, `search_synced` then searches it. Host backends (`HostBackend`) search the host arrays they are given and
+ignore `sync`; the GPU backend keeps a resident copy of the catalog current from `sync`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -25,9 +30,13 @@ import numpy as np
 __all__ = [
     "BACKENDS",
     "Filters",
+    "HostBackend",
     "NumpyTopK",
     "TopKBackend",
     "category_bitset",
+    "check_k",
+    "check_search_args",
+    "empty_result",
     "get_backend",
     "words_for",
 ]
@@ -204,7 +213,32 @@ class Filters:
 
 @runtime_checkable
 class TopKBackend(Protocol):
+    """What the Retriever needs from a top-k backend, so that it has one code path for all of them: `sync`
+    under the engine's state lock, then `search_synced`, the pair under one search lock so that a resident copy
+    of the catalog never changes under a search. `search` and `rank_scores` are stateless.
+    """
+
     name: str
+
+    def warmup(self) -> None:
+        """Compile / initialise now, so that the first request does not pay for it."""
+        ...
+
+    def sync(
+        self, vectors: np.ndarray, live: np.ndarray, category_bits: np.ndarray, n: int, changed_rows: np.ndarray
+    ) -> None:
+        """The live catalog, called under the engine's state lock before each `search_synced`: vectors float32
+        [capacity, d], live bool [capacity], category_bits uint64 [capacity, W], n rows in use, changed_rows int64:
+        the rows changed since the last sync (rows new since then are implied). Host backends ignore it."""
+        ...
+
+    def search_synced(
+        self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search` over the catalog as of the last `sync`, restricted to its first filters.num_items rows (at
+        most the n synced); items is the host matrix of those rows, which host backends search instead. A backend
+        with a resident copy takes liveness and item categories from that copy, not from the filters."""
+        ...
 
     def search(
         self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
@@ -217,16 +251,50 @@ class TopKBackend(Protocol):
         ...
 
 
-def _check_k(k: int) -> int:
+class HostBackend(ABC):
+    """Base of the backends that search the host arrays they are handed: nothing resident to keep in sync, so
+    `sync` is a no-op and `search_synced` is `search`. Subclasses set `name` and implement the two searches."""
+
+    name: str
+
+    def warmup(self) -> None:
+        """Nothing to compile by default."""
+
+    def sync(
+        self, vectors: np.ndarray, live: np.ndarray, category_bits: np.ndarray, n: int, changed_rows: np.ndarray
+    ) -> None:
+        """Nothing resident: every search reads the arrays it is given."""
+
+    def search_synced(
+        self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.search(queries, items, k, filters)
+
+    @abstractmethod
+    def search(
+        self, queries: np.ndarray, items: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abstractmethod
+    def rank_scores(self, scores: np.ndarray, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_k(k: int) -> int:
+    """k as an int; ValueError unless k >= 1."""
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return k
 
 
+def empty_result(b: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The all-padding answer: rows int64 [b, k] of -1, scores float32 [b, k] of -inf (backends fill it in)."""
+    return np.full((b, k), -1, dtype=np.int64), np.full((b, k), _NEG_INF, dtype=np.float32)
+
+
 def check_search_args(queries, items, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray, int]:
     """The checks every backend's search() makes: contiguous float32 [B, d] and [N, d], k >= 1, filters sized."""
-    k = _check_k(k)
+    k = check_k(k)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     items = np.ascontiguousarray(items, dtype=np.float32)
     if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
@@ -271,7 +339,7 @@ def _merge(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np
     return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-class NumpyTopK:
+class NumpyTopK(HostBackend):
     """Reference backend: matmul over item chunks, filters as -inf, exact tie-broken selection.
 
     chunk_rows caps the items scored at once, max_chunk_bytes caps the float64 [B, chunk] score block
@@ -298,7 +366,7 @@ class NumpyTopK:
         return self._topk(queries.shape[0], items.shape[0], k, filters, score_chunk)
 
     def rank_scores(self, scores: np.ndarray, k: int, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        k = _check_k(k)
+        k = check_k(k)
         scores = np.asarray(scores, dtype=np.float32)
         b = filters.num_queries
         if scores.ndim == 1:
@@ -315,8 +383,7 @@ class NumpyTopK:
         self, b: int, n: int, k: int, filters: Filters, score_chunk: Callable[[int, int], np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
         filters.check(b, n)
-        out_rows = np.full((b, k), -1, dtype=np.int64)
-        out_scores = np.full((b, k), _NEG_INF, dtype=np.float32)
+        out_rows, out_scores = empty_result(b, k)
         if b == 0 or n == 0:
             return out_rows, out_scores
 
@@ -355,29 +422,30 @@ class NumpyTopK:
         return out_rows, out_scores
 
 
-BACKENDS: dict[str, Callable[[], TopKBackend]] = {
-    "numpy": NumpyTopK,
+# Factories take the GPU storage dtype ("float32" or "float16"); host backends ignore it.
+BACKENDS: dict[str, Callable[[str], TopKBackend]] = {
+    "numpy": lambda gpu_storage: NumpyTopK(),
     # Imported on first use: numba is heavy to import and optional for the reference path.
-    "numba": lambda: __import__("streamrec.engine.cpu.topk", fromlist=["NumbaTopK"]).NumbaTopK(),
+    "numba": lambda gpu_storage: __import__("streamrec.engine.cpu.topk", fromlist=["NumbaTopK"]).NumbaTopK(),
     # Imported on first use too, so importing this module never imports numba.cuda.
-    "cuda": lambda: __import__("streamrec.engine.gpu.topk", fromlist=["CudaTopK"]).CudaTopK(),
+    "cuda": lambda gpu_storage: __import__("streamrec.engine.gpu.topk", fromlist=["CudaTopK"]).CudaTopK(gpu_storage),
 }
 
 
-def get_backend(name: str = "auto") -> TopKBackend:
+def get_backend(name: str = "auto", gpu_storage: str = "float32") -> TopKBackend:
     """A fresh backend by name; "auto" picks the fastest available: cuda with a usable GPU, then numba when it
-    imports, else numpy."""
+    imports, else numpy. gpu_storage is the item matrix's dtype on the GPU (float32 or float16)."""
     if name == "auto":
         from streamrec.engine.gpu import CUDA_AVAILABLE
 
         if CUDA_AVAILABLE:
-            return BACKENDS["cuda"]()
+            return BACKENDS["cuda"](gpu_storage)
         try:
-            return BACKENDS["numba"]()
+            return BACKENDS["numba"](gpu_storage)
         except ImportError:
             name = "numpy"
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown top-k backend {name!r}; choices: {', '.join(['auto', *BACKENDS])}") from None
-    return factory()
+    return factory(gpu_storage)
