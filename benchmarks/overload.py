@@ -3,7 +3,7 @@
     python benchmarks/overload.py --json benchmarks/out/overload.json           # ML-100K, ~2 minutes
     python benchmarks/overload.py --quick                                        # smoke run
 
-Phases, each a load-tester run (clients/loadtest.py) against one `streamrec serve` process:
+Phases, each a load-tester run (clients/loadtest/) against one `streamrec serve` process:
   baseline   closed loop Recommend: the capacity C
   flood      open loop Recommend at --flood-x times C (latency from the scheduled send: nothing hidden)
   mixed      open loop 80% Recommend / 20% event batches at --flood-x times C

@@ -8,7 +8,7 @@
 Protocol (engine/evaluation.py): train on the first 80% of events in time order; replay the last 20% in
 time order, test-then-learn: before each positive event on an unseen item, ask for the user's top-10 among
 the items they have not seen and record HR@10 / NDCG@10 of the held item, then apply the event.
-The same code runs as `streamrec evaluate` (server/evaluate_cli.py).
+The same code runs as `streamrec evaluate` (cli/evaluate.py).
 """
 from __future__ import annotations
 

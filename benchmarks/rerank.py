@@ -5,8 +5,8 @@ An engine seeded with ML-100K (the demo data set) and the shipped reranker (engi
 gives real users, real candidates and real feature values. Per batch size it times, interleaved repeat by
 repeat (other load hits all of them alike):
 
-  features     rerank_features.build_features for the whole batch (the Numba kernel training and serving use)
-  features-numpy  rerank_features.build_features_numpy: the NumPy reference (the implementation before the
+  features     rerank.features.build_features for the whole batch (the Numba kernel training and serving use)
+  features-numpy  rerank.features.build_features_numpy: the NumPy reference (the implementation before the
                kernel), same rows
   ort          one ONNX Runtime session call on those rows (the serving session: 1 intra-op thread, CPU
                unless --provider cuda and a usable GPU)
@@ -38,7 +38,8 @@ import numpy as np
 
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
-from streamrec.engine.offline.seeding import load_dataset, seed_engine
+from streamrec.engine.offline.datasets import load as load_dataset
+from streamrec.engine.offline.seeding import seed_engine
 from streamrec.engine.rerank.features import (
     ItemArrays,
     build_features,
@@ -46,7 +47,7 @@ from streamrec.engine.rerank.features import (
     capture_user,
     state_clock_ms,
 )
-from streamrec.engine.rerank.reranker import SHIPPED_MODEL
+from streamrec.engine.rerank.reranker import SHIPPED_RERANKER
 
 
 def onnx_weights(path: Path) -> dict[str, np.ndarray]:
@@ -57,7 +58,7 @@ def onnx_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 class NumpyNet:
-    """The exported RerankNet (engine/rerank_training.py) evaluated with NumPy, from the ONNX initialisers
+    """The exported RerankNet (engine/offline/rerank_training.py) evaluated with NumPy, from the ONNX initialisers
     in graph order: mean, inv_std, then per cross layer (V, U, b), then the MLP's (W, b) pairs."""
 
     def __init__(self, path: Path):
@@ -157,7 +158,7 @@ def percentiles(samples: list[float]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
+    parser.add_argument("--model", type=Path, default=SHIPPED_RERANKER)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1000, help="timed calls per implementation and batch size")

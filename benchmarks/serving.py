@@ -4,7 +4,7 @@
     python benchmarks/serving.py --quick                                       # smoke run
 
 For each dataset (synthetic N=100k d=64, and ML-100K) a `streamrec serve` process is started, then the load
-tester (clients/loadtest.py) measures, in the same run:
+tester (clients/loadtest/) measures, in the same run:
   floor:  Ping (unary, no work) and PingStream (bidirectional echo, no work)
   served: Recommend (unary; retrieval only, and with the ONNX rerank stage over 200 candidates where the server
           has a model for the dataset), RecommendStream, StreamEvents with 1 and 100 events per message

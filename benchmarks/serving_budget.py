@@ -75,7 +75,7 @@ def recommend_work(engine: Engine, users: list[str], batch: int, repeats: int) -
     requests = [recommend_pb2.RecommendRequest(user_id=users[rng.integers(len(users))], k=10,
                                                rerank=recommend_pb2.RerankOptions(enabled=False)).SerializeToString()
                 for _ in range(batch)]
-    queries = [convert.query_from(engine, recommend_pb2.RecommendRequest.FromString(raw)) for raw in requests]
+    queries = [engine.build_query(**convert.query_fields(recommend_pb2.RecommendRequest.FromString(raw))) for raw in requests]
     results = engine.retriever.recommend(queries)
     with engine.lock:
         prepared = engine.retriever._prepare(queries)
@@ -88,11 +88,11 @@ def recommend_work(engine: Engine, users: list[str], batch: int, repeats: int) -
             future.result(30)
 
     parts = {
-        "parse_request": median_us(lambda: [convert.query_from(engine, recommend_pb2.RecommendRequest.FromString(raw))
+        "parse_request": median_us(lambda: [engine.build_query(**convert.query_fields(recommend_pb2.RecommendRequest.FromString(raw)))
                                             for raw in requests], repeats, batch),
         # Process CPU: the batcher thread's search and both sides of the hand-off.
         f"engine_b{batch}": median_us(through_batcher, repeats, batch, clock=time.process_time_ns),
-        "response": median_us(lambda: [convert.recommend_response(engine, r, 100).SerializeToString() for r in results],
+        "response": median_us(lambda: [convert.recommend_response(engine.served_by(), r, 100).SerializeToString() for r in results],
                               repeats, batch),
     }
     info = {"mean_batch": (histogram.requests - requests_before) / max(1, histogram.batches - batches_before),

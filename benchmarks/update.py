@@ -1,7 +1,7 @@
-"""Online update throughput (issue 4): events/s through the batched Numba kernel (engine/cpu/update.py) at
+"""Online update throughput (issue 4): events/s through the batched Numba kernel (engine/cpu/online.py) at
 batch sizes 1, 100 and 10k, against peers measured in the same run:
 
-  numpy-reference   engine/online.py, the same rule event by event in NumPy (what the kernel is tested against)
+  numpy-reference   engine/state/online.py, the same rule event by event in NumPy (what the kernel is tested against)
   numpy-batched     a NumPy-vectorised batched solve: one exact fold-in per distinct user of the batch
                     (np.linalg.solve on stacked systems) against fixed items, no item steps - a cheaper rule,
                     the best NumPy does without a per-event loop

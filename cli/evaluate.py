@@ -20,6 +20,7 @@ import numpy as np
 
 from streamrec.engine.api import Event
 from streamrec.engine.offline import evaluation as ev
+from streamrec.engine.offline import datasets
 from streamrec.engine.offline.datasets import Dataset
 
 MODELS = ("popularity", "bootstrap", "online", "als", "bpr", "als-refit")
@@ -83,14 +84,8 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_dataset(name: str, seed: int) -> Dataset:
-    from streamrec.engine.offline import datasets
-
-    return datasets.load_ml100k() if name == "ml-100k" else datasets.synthetic(seed=seed)
-
-
 def _seed_store(train: Dataset, folder: Path, config, seed: int) -> None:
-    from streamrec.engine.engine import Engine
+    from streamrec.engine import Engine
     from streamrec.engine.offline.seeding import seed_engine
 
     with Engine(folder / "lmdb", config) as engine:
@@ -140,7 +135,7 @@ def evaluate(args, dataset: Dataset | None = None) -> Report:
     """Build every requested model on the same split and replay each; see the module docstring.
     `dataset` overrides --dataset (tests pass a small one)."""
     from streamrec.engine.config import EngineConfig
-    from streamrec.engine.engine import Engine
+    from streamrec.engine import Engine
 
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(MODELS))
@@ -152,7 +147,7 @@ def evaluate(args, dataset: Dataset | None = None) -> Report:
         wanted = [m for m in wanted if m not in peers]
 
     started = time.perf_counter()
-    dataset = dataset or load_dataset(args.dataset, args.seed)
+    dataset = dataset or datasets.load(args.dataset, args.seed)
     catalog = ev.Catalog.of(dataset)
     train, test = ev.time_split(dataset, args.train_fraction)
     events = ev.replay_events(test)[: args.limit]

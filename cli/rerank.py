@@ -16,12 +16,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from streamrec.engine.rerank.reranker import SHIPPED_MODEL
+    from streamrec.engine import SHIPPED_RERANKER
 
     p = subparsers.add_parser("train-reranker", help="train the ONNX reranking model from the event log (needs torch: extra 'train')",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
-    p.add_argument("--out", type=Path, default=SHIPPED_MODEL, help="ONNX file to write; the sidecar goes next to it (.json)")
+    p.add_argument("--out", type=Path, default=SHIPPED_RERANKER, help="ONNX file to write; the sidecar goes next to it (.json)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension of the engines it replays (must match serving)")
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates per impression / request")
     p.add_argument("--seed-fraction", type=float, default=0.6, help="first part of the log (by time) that seeds the engine")
@@ -43,7 +43,7 @@ def run(args) -> int:
               "pip install -e '.[train]'  (torch==2.13.0 CPU build, onnx)", file=sys.stderr)
         return 2
     from streamrec.engine.offline.rerank_training import TrainConfig, train_reranker
-    from streamrec.engine.offline.seeding import load_dataset
+    from streamrec.engine.offline.datasets import load
 
     overrides = {name: getattr(args, name) for name in ("dim", "candidates", "seed_fraction", "train_fraction", "seed",
                                                           "threads", "backend") if getattr(args, name) is not None}
@@ -51,7 +51,7 @@ def run(args) -> int:
         overrides["epochs"] = args.epochs
     config = TrainConfig(dataset=args.dataset, **overrides)
     command = "streamrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "streamrec train-reranker"
-    metadata = train_reranker(load_dataset(args.dataset, args.seed), args.out, config, command=command, lift=args.lift)
+    metadata = train_reranker(load(args.dataset, args.seed), args.out, config, command=command, lift=args.lift)
     summary = {"model": str(args.out), "version": metadata["version"], "export_check": metadata["export_check"],
                "best_epoch": metadata["training"]["history"]["best_epoch"],
                "valid": metadata["training"]["history"]["best_valid_ndcg"], "lift": metadata.get("lift")}
@@ -63,17 +63,17 @@ def serving_model_path(choice: str, dim: int) -> str | None:
     """`serve --reranker`: a path, 'none', or 'default' (the shipped model when it fits this dimension)."""
     import logging
 
-    from streamrec.engine.rerank.reranker import SHIPPED_MODEL, sidecar_path
+    from streamrec.engine import SHIPPED_RERANKER, sidecar_path
 
     if choice in ("", "none"):
         return None
     if choice != "default":
         return choice
-    if not SHIPPED_MODEL.exists():
-        logging.getLogger(__name__).warning("no shipped reranker at %s; serving retrieval only", SHIPPED_MODEL)
+    if not SHIPPED_RERANKER.exists():
+        logging.getLogger(__name__).warning("no shipped reranker at %s; serving retrieval only", SHIPPED_RERANKER)
         return None
     try:
-        trained_dim = json.loads(sidecar_path(SHIPPED_MODEL).read_text()).get("dim")
+        trained_dim = json.loads(sidecar_path(SHIPPED_RERANKER).read_text()).get("dim")
     except (OSError, ValueError):
         trained_dim = None
     if trained_dim is not None and trained_dim != dim:
@@ -81,4 +81,4 @@ def serving_model_path(choice: str, dim: int) -> str | None:
                                             "serving retrieval only (train one: streamrec train-reranker --dim %d)",
                                             trained_dim, dim, dim)
         return None
-    return str(SHIPPED_MODEL)
+    return str(SHIPPED_RERANKER)

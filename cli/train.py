@@ -65,13 +65,13 @@ def _print_history(history: list[dict]) -> None:
 
 
 def run(args) -> int:
-    from streamrec.engine.config import EngineConfig
-    from streamrec.engine.engine import Engine
-    from streamrec.engine.offline.seeding import STORE_FOLDER, seed_trained
+    from streamrec.engine.config import STORE_FOLDER, EngineConfig
+    from streamrec.engine import Engine
+    from streamrec.engine.offline.seeding import seed_trained
     from streamrec.engine.offline.training import leave_last_out, train
 
     store_dir = args.data_dir / STORE_FOLDER
-    if not args.dry_run and (store_dir / "data.mdb").exists():
+    if not args.dry_run and Engine.holds_store(store_dir):
         print(f"error: {store_dir} already holds a store; train into a new --data-dir (replacing the vectors of a "
               f"live store is not supported)", file=sys.stderr)
         return 1

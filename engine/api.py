@@ -118,3 +118,38 @@ class UserView:
     event_count: int
     seen_items: int
     last_event_ms: int
+
+
+# --- what the engine reports about itself ---
+@dataclass(frozen=True, slots=True)
+class ServedBy:
+    """Which model and state answered: every response carries it."""
+
+    model_version: str
+    embedding_version: int
+    applied_seq: int  # the last log record applied to the state that answered
+    backend: str  # the top-k backend's name
+
+
+@dataclass
+class EngineStats:
+    served_by: ServedBy
+    dim: int
+    items: int  # live items
+    deleted_items: int
+    users: int
+    log_events: int
+    last_seq: int
+    checkpoint_seq: int
+    uptime_s: float
+    last_checkpoint_wall: float  # time.time() of the last checkpoint written
+    write_queue: int  # operations waiting for the writer
+    recovered_records: int  # log records replayed at the last start
+    recommend_batch_sizes: dict[int, int]  # kernel batches by size bucket (1, 2, 4, ... by upper bound)
+    recommend_batches: int
+    reranker: dict  # Engine.reranker_info()
+    events_accepted: int
+    events_rejected: int
+    events_duplicate: int
+    recommendations: int
+    data_dir: str

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+STORE_FOLDER = "lmdb"  # a server's data dir holds its Engine's folder under this name
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -55,7 +57,7 @@ class EngineConfig:
     max_batch: int = 256
     max_wait_us: int = 500  # only waited when recent batches show concurrency
     recommend_queue_size: int = 8192  # waiting requests before RESOURCE_EXHAUSTED
-    # Second stage (engine/reranker.py): an ONNX model reorders the retrieved candidates. None: retrieval only.
+    # Second stage (rerank/reranker.py): an ONNX model reorders the retrieved candidates. None: retrieval only.
     reranker_path: str | None = None
     rerank_by_default: bool = True  # requests that do not say (rerank.enabled unset) are reranked
     rerank_candidates: int = 200  # retrieved candidates per reranked request, unless the request says

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from streamrec.engine.api import Event, EventType, ItemSpec, Rejection
+from streamrec.engine.api import Event, EventType, ItemSpec, RecommendQuery, Rejection
 from streamrec.engine.config import Limits
 from streamrec.engine.errors import InvalidArgument
 
@@ -54,6 +54,25 @@ def check_id_list(field: str, values, limits: Limits) -> list[str]:
     if len(values) > limits.max_filter_ids:
         raise InvalidArgument(field, f"at most {limits.max_filter_ids} ids, got {len(values)}")
     return [check_id(f"{field}[{i}]", v, limits) for i, v in enumerate(values)]
+
+
+def check_query(limits: Limits, default_k: int, user_id: str, k: int | None, exclude_seen: bool = True,
+                exclude_item_ids=(), include_categories=(), exclude_categories=(), request_id: str = "",
+                user_field: str = "user_id", rerank: bool | None = None, candidates: int = 0) -> RecommendQuery:
+    """A validated query; every problem names the request field."""
+    if not 0 <= candidates <= limits.max_k:
+        raise InvalidArgument("rerank.candidates", f"must be between 0 (server default) and {limits.max_k}, got {candidates}")
+    return RecommendQuery(
+        user_id=check_id(user_field, user_id, limits),
+        k=check_k(k, limits, default_k),
+        exclude_seen=exclude_seen,
+        exclude_item_ids=check_id_list("exclude_item_ids", list(exclude_item_ids), limits),
+        include_categories=check_id_list("include_categories", list(include_categories), limits),
+        exclude_categories=check_id_list("exclude_categories", list(exclude_categories), limits),
+        request_id=request_id,
+        rerank=rerank,
+        candidates=candidates,
+    )
 
 
 def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] | None:
@@ -126,6 +145,29 @@ def _all_acceptable(events: list[Event], limits: Limits, now_ms: int) -> bool:
         return False
     stamps = [e.timestamp_ms for e in events]
     return min(stamps) >= limits.min_timestamp_ms and max(stamps) <= now_ms + limits.max_future_ms
+
+
+def check_upserts(specs: list[ItemSpec], dim: int, limits: Limits) -> list[ItemSpec]:
+    """The specs, checked, with their vectors as float32."""
+    if not specs:
+        raise InvalidArgument("items", "must not be empty")
+    if len(specs) > limits.max_items_per_upsert:
+        raise InvalidArgument("items", f"at most {limits.max_items_per_upsert} items per call, got {len(specs)}")
+    for index, spec in enumerate(specs):
+        check_item_spec(index, spec, dim, limits)
+        if spec.vector is not None:
+            spec.vector = np.asarray(spec.vector, np.float32)
+    return specs
+
+
+def check_deletes(item_ids: list[str], limits: Limits) -> list[str]:
+    if not item_ids:
+        raise InvalidArgument("item_ids", "must not be empty")
+    if len(item_ids) > limits.max_items_per_upsert:
+        raise InvalidArgument("item_ids", f"at most {limits.max_items_per_upsert} ids per call")
+    for index, item_id in enumerate(item_ids):
+        check_id(f"item_ids[{index}]", item_id, limits)
+    return list(item_ids)
 
 
 def check_item_spec(index: int, spec: ItemSpec, dim: int, limits: Limits) -> None:

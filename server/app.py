@@ -20,11 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from streamrec.engine.config import EngineConfig
-from streamrec.engine.engine import Engine
-from streamrec.engine.offline.seeding import open_engine
+from streamrec.engine import Engine, EngineObserver
+from streamrec.engine.config import STORE_FOLDER, EngineConfig
 from streamrec.server.auth import AuthInterceptor, TokenTable
-from streamrec.server.convert import RequestDecodeInterceptor
+from streamrec.server.decode import RequestDecodeInterceptor
 from streamrec.server.metrics import Metrics, MetricsInterceptor
 from streamrec.server.servicers import (
     CatalogServicer,
@@ -77,6 +76,17 @@ class ServerConfig:
     tokens_file: Path | None = None
     tokens_refresh_s: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def open_engine(data_dir: Path, config: EngineConfig, dataset: str, observer: EngineObserver) -> Engine:
+    """The Engine of <data_dir>/lmdb; on the first start (no store yet) seeded with `dataset` first."""
+    store_dir = Path(data_dir) / STORE_FOLDER
+    if dataset == "none" or Engine.holds_store(store_dir):
+        return Engine(store_dir, config, observer)
+    # First start only: training a model to seed with is offline work, so its code is loaded just then.
+    from streamrec.engine.offline.seeding import open_engine as seed_and_open
+
+    return seed_and_open(data_dir, config, dataset, observer=observer)
 
 
 def _is_loopback(host: str) -> bool:
@@ -152,7 +162,7 @@ class StreamrecServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stats = self.engine.stats()
         log.info("serving on %s: %d items, %d users, %d logged events, model %s, backend %s", self.address,
-                 stats["items"], stats["users"], stats["log_events"], stats["model_version"], stats["backend"])
+                 stats.items, stats.users, stats.log_events, stats.served_by.model_version, stats.served_by.backend)
         return self.port
 
     def _warn_if_exposed(self) -> None:

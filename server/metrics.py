@@ -53,10 +53,10 @@ class Metrics(EngineObserver):
 
     def track_engine(self, engine) -> None:
         """Gauges read at scrape time, so they are never stale and cost nothing between scrapes."""
-        self.checkpoint_age.set_function(lambda: time.time() - engine.last_checkpoint_wall)
-        self.items.set_function(lambda: engine.state.items.live_count)
-        self.users.set_function(lambda: len(engine.state.users))
-        self.write_queue.set_function(lambda: engine.writer.pending)
+        self.checkpoint_age.set_function(lambda: time.time() - engine.stats().last_checkpoint_wall)
+        self.items.set_function(lambda: engine.stats().items)
+        self.users.set_function(lambda: engine.stats().users)
+        self.write_queue.set_function(lambda: engine.stats().write_queue)
 
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -5,11 +5,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import closing
 
 import grpc
 
+from streamrec.engine import Engine
 from streamrec.engine.api import IngestResult, Rejection
-from streamrec.engine.engine import Engine
 from streamrec.engine.errors import EngineError, InvalidArgument, Unavailable
 from streamrec.server import convert
 from streamrec.server.errors import status_of, streaming, unary
@@ -80,6 +81,46 @@ def _micros_since(started: float) -> int:
     return int((time.perf_counter() - started) * 1e6)
 
 
+def _done(result=None, error: BaseException | None = None) -> Future:
+    future: Future = Future()
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+    return future
+
+
+def _read_ahead(request_iterator, submit, thread_name: str):
+    """Reads a stream on its own thread and submits each request as it arrives, so several requests of one stream
+    share a group commit or a kernel batch; yields (number, request, started, pending future) in request order.
+    At most MAX_INFLIGHT_BATCHES wait for their answer; closing the generator releases the reader."""
+    inflight = _Handoff(MAX_INFLIGHT_BATCHES)
+
+    def read() -> None:
+        try:
+            for number, request in enumerate(request_iterator):
+                if inflight.closed:
+                    return
+                started = time.perf_counter()
+                try:
+                    pending = submit(request)
+                except EngineError as error:  # answered in its turn; the stream goes on
+                    pending = _done(error=error)
+                if not inflight.put((number, request, started, pending)):
+                    return
+        except grpc.RpcError:
+            pass  # the client went away; what was submitted still completes
+        finally:
+            inflight.put(None)
+
+    threading.Thread(target=read, name=thread_name, daemon=True).start()
+    try:
+        while (entry := inflight.get()) is not None:
+            yield entry
+    finally:
+        inflight.close()
+
+
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     def __init__(self, holder: EngineHolder):
         self.holder = holder
@@ -92,37 +133,16 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     @streaming
     def StreamEvents(self, request_iterator, context):
         engine = self.holder.get()
-        inflight = _Handoff(MAX_INFLIGHT_BATCHES)
 
-        def read_batches() -> None:
-            # Reading ahead lets several batches of this stream share one commit; acks stay in order.
+        def submit(batch) -> Future:
             try:
-                for number, batch in enumerate(request_iterator):
-                    if inflight.closed:
-                        return
-                    batch_id = batch.batch_id or str(number)
-                    try:
-                        pending = engine.ingest_async(convert.events_from(batch))
-                    except InvalidArgument as error:  # a batch-level problem fails this batch only
-                        pending = Future()
-                        pending.set_result(_batch_rejected(error))
-                    except EngineError as error:
-                        pending = Future()
-                        pending.set_exception(error)
-                    if not inflight.put((batch_id, pending)):
-                        return
-            except grpc.RpcError:
-                pass  # the client went away; the writer still finishes what it accepted
-            finally:
-                inflight.put(None)
+                return engine.ingest_async(convert.events_from(batch))
+            except InvalidArgument as error:  # a batch-level problem fails this batch only
+                return _done(_batch_rejected(error))
 
-        threading.Thread(target=read_batches, name="stream-events-reader", daemon=True).start()
-        try:
-            while (entry := inflight.get()) is not None:
-                batch_id, pending = entry
-                yield convert.ack_from(batch_id, pending.result())
-        finally:
-            inflight.close()
+        with closing(_read_ahead(request_iterator, submit, "stream-events-reader")) as entries:
+            for number, batch, _, pending in entries:
+                yield convert.ack_from(batch.batch_id or str(number), pending.result())
 
 
 def _batch_rejected(error: InvalidArgument) -> IngestResult:
@@ -138,8 +158,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def Recommend(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
-        result = engine.recommend([convert.query_from(engine, request)], _deadline(context))[0]
-        return convert.recommend_response(engine, result, _micros_since(started))
+        result = engine.recommend([engine.build_query(**convert.query_fields(request))], _deadline(context))[0]
+        return convert.recommend_response(engine.served_by(), result, _micros_since(started))
 
     @unary
     def RecommendBatch(self, request, context):
@@ -150,63 +170,38 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         queries = []
         for index, item in enumerate(request.requests):
             try:
-                queries.append(convert.query_from(engine, item))
+                queries.append(engine.build_query(**convert.query_fields(item)))
             except EngineError as error:
                 raise type(error)(f"requests[{index}].{error.field}", error.message) from None
         results = engine.recommend(queries, _deadline(context)) if queries else []
-        latency = _micros_since(started)
+        latency, served_by = _micros_since(started), engine.served_by()
         return recommend_pb2.RecommendBatchResponse(
-            responses=[convert.recommend_response(engine, r, latency) for r in results])
+            responses=[convert.recommend_response(served_by, r, latency) for r in results])
 
     @streaming
     def RecommendStream(self, request_iterator, context):
         engine = self.holder.get()
-        inflight = _Handoff(MAX_INFLIGHT_BATCHES)
 
-        def read_requests() -> None:
-            # Submitting ahead lets this stream's requests share kernel batches; answers keep request order.
-            try:
-                for request in request_iterator:
-                    if inflight.closed:
-                        return
-                    started = time.perf_counter()
-                    try:
-                        pending = engine.recommend_async(convert.query_from(engine, request))
-                    except EngineError as error:
-                        pending = Future()
-                        pending.set_exception(error)
-                    if not inflight.put((request, started, pending)):
-                        return
-            except grpc.RpcError:
-                pass
-            finally:
-                inflight.put(None)
+        def submit(request) -> Future:
+            return engine.recommend_async(engine.build_query(**convert.query_fields(request)))
 
-        threading.Thread(target=read_requests, name="recommend-stream-reader", daemon=True).start()
-        try:
-            while (entry := inflight.get()) is not None:
-                request, started, pending = entry
+        with closing(_read_ahead(request_iterator, submit, "recommend-stream-reader")) as entries:
+            for _, request, started, pending in entries:
                 try:
-                    yield convert.recommend_response(engine, pending.result(), _micros_since(started))
+                    yield convert.recommend_response(engine.served_by(), pending.result(), _micros_since(started))
                 except EngineError as error:  # one bad request does not end the stream
                     code, message = status_of(error)
                     yield recommend_pb2.RecommendResponse(
                         request_id=request.request_id, user_id=request.user_id,
                         error=recommend_pb2.Status(code=code.value[0], message=message))
-        finally:
-            inflight.close()
 
     @unary
     def SimilarItems(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
-        query = engine.build_query(
-            user_id=request.item_id, k=request.k if request.HasField("k") else None, exclude_seen=False,
-            include_categories=request.include_categories, exclude_categories=request.exclude_categories,
-            request_id=request.request_id, user_field="item_id",
-        )
-        result = engine.similar_items(query, request.item_id)
-        return convert.similar_items_response(engine, result, request.item_id, _micros_since(started))
+        result = engine.similar_items(request.item_id, request.k if request.HasField("k") else None,
+                                      request.include_categories, request.exclude_categories, request.request_id)
+        return convert.similar_items_response(engine.served_by(), result, request.item_id, _micros_since(started))
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -238,7 +233,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     @unary
     def Stats(self, request, context):
-        return convert.stats_message(self.holder.get())
+        engine = self.holder.get()
+        return convert.stats_message(engine.stats(), engine.limits)
 
     @unary
     def LoadReranker(self, request, context):

@@ -1,16 +1,13 @@
 """Engine results -> response messages (server/convert.py): every field lands where the proto says."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
-from streamrec.engine.api import Recommendation
+from streamrec.engine.api import Recommendation, ServedBy
 from streamrec.server import convert
 
-ENGINE = SimpleNamespace(model_version="ials-test-d8", backend=SimpleNamespace(name="numba"),
-                         state=SimpleNamespace(embedding_version=7, applied_seq=42))
+SERVED_BY = ServedBy(model_version="ials-test-d8", embedding_version=7, applied_seq=42, backend="numba")
 
 
 def recommendation(reranked: bool) -> Recommendation:
@@ -23,7 +20,7 @@ def recommendation(reranked: bool) -> Recommendation:
 
 @pytest.mark.parametrize("reranked", [False, True])
 def test_recommend_response_carries_every_field(reranked):
-    response = convert.recommend_response(ENGINE, recommendation(reranked), latency_us=123)
+    response = convert.recommend_response(SERVED_BY, recommendation(reranked), latency_us=123)
     assert (response.request_id, response.user_id, response.strategy, response.server_latency_us) == ("r1", "u1", "personalized", 123)
     assert [(i.item_id, i.score, list(i.categories)) for i in response.items] == [("i3", pytest.approx(0.9), ["c1", "c2"]),
                                                                                    ("i1", 0.25, [])]
@@ -34,7 +31,7 @@ def test_recommend_response_carries_every_field(reranked):
 
 
 def test_similar_items_response_carries_every_field():
-    response = convert.similar_items_response(ENGINE, recommendation(False), "i9", latency_us=5)
+    response = convert.similar_items_response(SERVED_BY, recommendation(False), "i9", latency_us=5)
     assert (response.request_id, response.item_id, response.server_latency_us) == ("r1", "i9", 5)
     assert [i.item_id for i in response.items] == ["i3", "i1"] and list(response.items[0].categories) == ["c1", "c2"]
     assert (response.served_by.model_version, response.served_by.applied_seq) == ("ials-test-d8", 42)

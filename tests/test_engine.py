@@ -32,7 +32,7 @@ def traffic(seed: int, n: int) -> list[Event]:
 def snapshot(engine: Engine) -> dict:
     users, items = engine.state.users, engine.state.items
     return {
-        "users": {uid: (users.accumulators[row].tobytes(), users.last_event_ms[row], sorted(users.seen[row]),
+        "users": {uid: (users.vectors[row].tobytes(), users.last_event_ms[row], sorted(users.seen[row]),
                         list(users.history[row]), users.event_counts[row], users.positive_counts[row])
                   for uid, row in users.rows.items()},
         "items": (items.vectors[: len(items)].tobytes(), items.live[: len(items)].tobytes(),
@@ -120,14 +120,14 @@ def test_records_trigger_waits_for_the_last_checkpoints_share(tmp_path):
     seed_engine(engine, synthetic(n_users=60, n_items=200, n_clusters=5, events_per_user=10))
     try:
         seeded_at = engine.store.checkpoint_seq()
-        engine._last_checkpoint_s = 60.0  # as if the last one took a minute: due only after ten
+        engine.checkpointer._last_s = 60.0  # as if the last one took a minute: due only after ten
         engine.ingest(traffic(0, 150))
         engine.ingest(traffic(1, 10))  # the writer looks again after each group
         engine.ingest(traffic(1, 10))  # resent (duplicates): acked only after the writer's look at the group before
         # A checkpoint started by mistake is either still being written on its thread or has advanced the seq.
-        assert engine._checkpoint_running is None
+        assert engine.checkpointer._running is None
         assert engine.store.checkpoint_seq() == seeded_at
-        engine._last_checkpoint_s = 0.0
+        engine.checkpointer._last_s = 0.0
         engine.ingest(traffic(2, 10))
         _wait_for(lambda: engine.store.checkpoint_seq() > seeded_at)
     finally:
@@ -201,7 +201,7 @@ def test_a_failed_background_checkpoint_leaves_its_changes_to_the_next(tmp_path,
     calls = _background_checkpoints(engine, monkeypatch, fail_once=True)
     seeded_at = engine.store.checkpoint_seq()
     engine.ingest(traffic(0, 150))  # due: this checkpoint fails after its snapshot cleared the dirty marks
-    _wait_for(lambda: calls and engine._checkpoint_running.done())
+    _wait_for(lambda: calls and engine.checkpointer._running.done())
     assert engine.store.checkpoint_seq() == seeded_at
     engine.ingest(traffic(1, 20))
     engine.checkpoint()  # must write what the failed one held as well as the new changes

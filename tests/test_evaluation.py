@@ -1,4 +1,4 @@
-"""Prequential evaluation (engine/evaluation.py, server/evaluate_cli.py): the metric math, test-then-learn
+"""Prequential evaluation (engine/offline/evaluation.py, cli/evaluate.py): the metric math, test-then-learn
 order, the popularity baseline, streamrec against popularity on planted structure, the served path against
 the engine path (real server subprocess), and the `implicit` peer."""
 from __future__ import annotations

@@ -41,7 +41,7 @@ SCRIPT = f"K, DEEP_K = {K}, {DEEP_K}\n" + textwrap.dedent('''
             engine.delete_items(["i5", "i9"])          # rows change in place on the device
             engine.upsert_items([ItemSpec("fresh", ["c0"]), ItemSpec("i4", ["c2"])])  # a new row + a moved one
             ask()
-            device = getattr(engine.retriever, "_device_matrix", None)
+            device = getattr(engine.backend, "_synced", None)
             stats = None if device is None else {"full_uploads": device.full_uploads, "rows_uploaded": device.rows_uploaded}
             engine.close()
             return answers, stats

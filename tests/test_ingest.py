@@ -149,13 +149,13 @@ def test_a_mixed_group_commit_answers_and_replays_as_before(tmp_path):
 
     items, users = engine.state.items, engine.state.users
     live = (items.vectors[:len(items)].tobytes(), items.log2_popularity[:len(items)].tobytes(),
-            {uid: (users.accumulators[row].tobytes(), list(users.history[row]), sorted(users.seen[row]))
+            {uid: (users.vectors[row].tobytes(), list(users.history[row]), sorted(users.seen[row]))
              for uid, row in users.rows.items()})
     engine.close(checkpoint=False)
     reopened = Engine(tmp_path, CONFIG)
     items, users = reopened.state.items, reopened.state.users
     assert (items.vectors[:len(items)].tobytes(), items.log2_popularity[:len(items)].tobytes(),
-            {uid: (users.accumulators[row].tobytes(), list(users.history[row]), sorted(users.seen[row]))
+            {uid: (users.vectors[row].tobytes(), list(users.history[row]), sorted(users.seen[row]))
              for uid, row in users.rows.items()}) == live
     assert not math.isinf(reopened.state.items.log2_popularity[reopened.state.items.rows["fresh"]])
     reopened.close()

@@ -62,7 +62,7 @@ def test_events_move_recommendations_toward_the_items_neighbours(tmp_path, truth
         after = share_in(engine, user, target)
         assert after >= before + 0.3, (before, after)
         # The neighbours of the item (by the item vectors) are what moved up.
-        similar = engine.similar_items(engine.build_query(user, 10), picks[0])
+        similar = engine.similar_items(picks[0], 10)
         assert np.mean([i in target for i in similar.item_ids]) >= 0.7
 
 
@@ -111,7 +111,7 @@ def test_restart_replays_to_bit_identical_vectors_and_gram(tmp_path, truth):
             engine.delete_items(["i3"])
     def vectors(state):
         users = state.users
-        return ({uid: users.accumulators[row].tobytes() for uid, row in users.rows.items()},
+        return ({uid: users.vectors[row].tobytes() for uid, row in users.rows.items()},
                 state.items.vectors[: len(state.items)].tobytes(), state.gram_fixed.tobytes(), state.gram.tobytes())
 
     state = engine.state
@@ -127,7 +127,7 @@ def test_restart_replays_to_bit_identical_vectors_and_gram(tmp_path, truth):
     follow = [Event("z1", "u5", "i9", EventType.CLICK, 1.0, T0 + 10**9), Event("z2", "u5", "i11", EventType.SKIP, 1.0, T0 + 10**9 + 1)]
     with Engine(tmp_path, CONFIG) as a:
         a.ingest(follow)
-        first = a.state.users.accumulators[a.state.users.row_of("u5")].tobytes()
+        first = a.state.users.vectors[a.state.users.row_of("u5")].tobytes()
         a.close(checkpoint=False)
     with Engine(tmp_path, CONFIG) as b:
-        assert b.state.users.accumulators[b.state.users.row_of("u5")].tobytes() == first
+        assert b.state.users.vectors[b.state.users.row_of("u5")].tobytes() == first

@@ -140,8 +140,8 @@ def test_train_command_writes_a_store_and_refuses_an_existing_one(tmp_path, caps
     assert "epoch   3  loss" in out and "ials-synthetic-0-d16-e3-s0" in out
     with Engine(tmp_path / "lmdb", EngineConfig(dim=16, backend="numpy")) as engine:
         stats = engine.stats()
-        assert stats["model_version"] == "ials-synthetic-0-d16-e3-s0"
-        assert stats["items"] == 2000 and stats["users"] == 500
+        assert stats.served_by.model_version == "ials-synthetic-0-d16-e3-s0"
+        assert stats.items == 2000 and stats.users == 500
         assert engine.recommend([engine.build_query("u1", 5)])[0].strategy == "personalized"
     assert main(argv) == 1
     assert "already holds a store" in capsys.readouterr().err

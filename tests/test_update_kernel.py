@@ -1,4 +1,4 @@
-"""The Numba online-update kernel against its NumPy reference (engine/online.py), and its determinism."""
+"""The Numba online-update kernel against its NumPy reference (engine/state/online.py), and its determinism."""
 from __future__ import annotations
 
 import copy

@@ -55,9 +55,9 @@ def test_seen_row_cache_is_bounded_by_rows_cached(monkeypatch):
 def test_query_vectors_are_unit_vectors_only_for_users_with_positive_interest():
     table = _table()
     a, b, c = (table.row_of(u) for u in "abc")
-    table.accumulators[a] = [3.0, 0.0, 4.0]
+    table.vectors[a] = [3.0, 0.0, 4.0]
     table.positive_counts[a] = 2
-    table.accumulators[b] = [1.0, 1.0, 1.0]  # no positive event yet: not usable
+    table.vectors[b] = [1.0, 1.0, 1.0]  # no positive event yet: not usable
     table.positive_counts[c] = 1  # positive, but the accumulator is still zero: not usable
     vectors, usable = table.query_vectors(np.array([a, b, c]))
     assert usable.tolist() == [True, False, False]

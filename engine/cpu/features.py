@@ -1,8 +1,8 @@
 """Numba kernel of the reranking features: every (user, candidate) row of a batch in one compiled pass.
 
-engine/rerank_features.build_features packs the batch (flat candidate rows with per-query offsets, padded
+rerank/features.build_features packs the batch (flat candidate rows with per-query offsets, padded
 history rows) and calls `features_kernel`; training and serving both go through that function, so they
-cannot drift. `rerank_features.build_features_numpy` is the NumPy reference the kernel is tested against
+cannot drift. `rerank/features.build_features_numpy` is the NumPy reference the kernel is tested against
 (tests/test_rerank.py): the same values up to float rounding, exactly the same where a feature is a count
 or a ratio of counts.
 
@@ -18,7 +18,7 @@ four cosine ones equals the reference's float32 value (exactly on the developmen
 up to the math library's rounding elsewhere); the cosines differ from the reference's float32 BLAS
 matmul by rounding only (< 3e-7 on unit vectors).
 
-The scalar columns are fixed here (SCALAR_ORDER); rerank_features checks at import that they are its
+The scalar columns are fixed here (SCALAR_ORDER); rerank/features.py checks at import that they are its
 SCALAR_FEATURES in the same order, so a cached compiled kernel can never write a stale layout.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def features_kernel(user_vec, user_ints, user_frac, pos_rows, pos_count, neg_row
     user_vec float32 [B, dim]; user_ints int64 [B, 3] (event count, seen count, last event ms);
     user_frac float64 [B]; pos_rows / neg_rows int64 [B, H] padded, pos_count / neg_count int64 [B];
     cand int64 [R] item rows of all queries, offsets int64 [B + 1]; scores float32 [R]; the item arrays
-    as in rerank_features.ItemArrays; pop_shift = now_ms / half_life_ms; recency_weights float64 [H];
+    as in rerank/features.ItemArrays; pop_shift = now_ms / half_life_ms; recency_weights float64 [H];
     log1p_rank float32 [any]: np.log1p(float32 rank), the reference's values (computed past its end)."""
     batch, dim = user_vec.shape
     words = category_bits.shape[1]

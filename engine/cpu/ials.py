@@ -1,6 +1,6 @@
 """Numba kernels for iALS training: a parallel sweep of warm-started conjugate-gradient solves, one per row of
 one side (all users given the items, or all items given the users). The NumPy reference (exact solves) is
-engine/ials.py `solve_sweep_reference`; with enough steps the CG result equals it to rounding.
+engine/offline/ials.py `solve_sweep_reference`; with enough steps the CG result equals it to rounding.
 
 Each row solves (G + reg I + sum_j alpha s_j y_j y_j^T) x = sum_{j: p=1} (1 + alpha s_j) y_j with G = Y^T Y
 precomputed once per sweep, so a step costs O(d^2 + n_row d) (Takacs et al. 2011; the `implicit` library's

@@ -1,4 +1,4 @@
-"""Batched Numba kernel for the online learning rule of engine/online.py (the NumPy reference).
+"""Batched Numba kernel for the online learning rule of engine/state/online.py (the NumPy reference).
 
 Events are applied strictly in log order in one compiled loop: an event's item move changes the Gram and the
 item row that every later fold-in reads, so events of different users are not independent and running them

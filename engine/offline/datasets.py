@@ -327,6 +327,15 @@ def synthetic(
 # User files for `streamrec load`
 # --------------------------------------------------------------------------------------------------------
 
+def load(name: str, seed: int = 0) -> Dataset:
+    """A dataset by name: ml-100k (from the recbole wheel, see load_ml100k) or synthetic (planted clusters)."""
+    if name == "ml-100k":
+        return load_ml100k()
+    if name == "synthetic":
+        return synthetic(seed=seed)
+    raise ValueError(f"unknown dataset '{name}' (choose ml-100k, synthetic or none)")
+
+
 DEFAULT_FILE_TYPE = EventType.CLICK  # a log without a type column: each row is a plain, moderate interaction
 SECONDS_THRESHOLD = 1e11  # all timestamps below this are read as seconds (1e11 ms is 1973, 1e11 s is year 5138)
 

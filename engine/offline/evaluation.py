@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from streamrec.engine.api import Event
+from streamrec.engine.errors import NotFound
 from streamrec.engine.offline.datasets import Dataset, Interactions
 from streamrec.engine.signals import event_confidences, is_positive
 
@@ -345,11 +346,12 @@ class StreamrecEngine:
         return list(answer.item_ids)
 
     def _check_seen(self, user_id: str, exclude_rows: np.ndarray) -> None:
-        users, items = self.engine.state.users, self.engine.state.items
-        row = users.row_of(user_id)
-        engine_seen = {items.ids[r] for r in users.seen[row]} if row is not None else set()
-        if len(engine_seen) != len(exclude_rows):
-            raise AssertionError(f"{user_id}: engine excludes {len(engine_seen)} seen items, harness {len(exclude_rows)}")
+        try:
+            engine_seen = self.engine.get_user(user_id, history_limit=0).seen_items
+        except NotFound:
+            engine_seen = 0
+        if engine_seen != len(exclude_rows):
+            raise AssertionError(f"{user_id}: engine excludes {engine_seen} seen items, harness {len(exclude_rows)}")
 
     def finish(self) -> None:
         self.flush()

@@ -1,6 +1,6 @@
 """Implicit-feedback ALS (iALS, Hu, Koren & Volinsky 2008) as plain NumPy references.
 
-Every Numba kernel in engine/cpu/ials.py (training sweeps) and engine/cpu/update.py (online fold-in) is tested
+Every Numba kernel in engine/cpu/ials.py (training sweeps) and engine/cpu/online.py (online fold-in) is tested
 against these functions.
 
 Model. Each observed (user, item) pair has a preference p (1 = interest, 0 = rejection) and a strength s >= 0;

@@ -1,12 +1,12 @@
 """Training, export and measurement of the reranking model (`streamrec train-reranker`).
 
-Impressions come from the event log, through the prequential replay of engine/evaluation.py:
+Impressions come from the event log, through the prequential replay of engine/offline/evaluation.py:
   * the log is split by time: `seed` part (first `seed_fraction`), `impression` part (up to
     `train_fraction`), and the held-out `test` part (the rest, used only by `measure_lift`);
   * an engine seeded with the seed part replays the impression part (test-then-learn): at every positive
     event on an unseen item the engine retrieves `candidates` items for that user (retrieval only), and
     when the held item is among them the candidates become one impression (the held item is the positive).
-    Features are built at that moment by engine/rerank_features.build_features, the function serving uses.
+    Features are built at that moment by rerank/features.build_features, the function serving uses.
   * training lists keep the positive, the `hard` best-retrieved negatives and random other negatives
     (`list_size` rows in all); the last `validation_fraction` of the impression part keeps full lists and
     picks the epoch (NDCG@10 among the candidates).
@@ -14,7 +14,7 @@ Impressions come from the event log, through the prequential replay of engine/ev
 Model: a DCN-v2 style network (input standardisation folded into the graph, `cross_layers` low-rank cross
 layers, then an MLP) scoring each row; listwise loss: softmax cross-entropy of the positive in its list.
 Export: ONNX (opset 17, dynamic batch), `onnx.checker`, ONNX Runtime vs PyTorch on random inputs (max abs
-difference <= 1e-5), then the serving validator (engine/reranker.py) must accept the file.
+difference <= 1e-5), then the serving validator (engine/rerank/reranker.py) must accept the file.
 
 torch and onnx are imported only inside the functions that need them (extra `train`);
 `measure_lift` needs neither (ONNX Runtime only).
@@ -44,15 +44,7 @@ from streamrec.engine.offline.evaluation import (
     time_split,
 )
 from streamrec.engine.offline.seeding import seed_engine
-from streamrec.engine.rerank.features import (
-    FEATURE_SPEC,
-    ItemArrays,
-    build_features,
-    capture_user,
-    feature_count,
-    feature_names,
-    state_clock_ms,
-)
+from streamrec.engine.rerank.features import FEATURE_SPEC, feature_count, feature_names
 from streamrec.engine.rerank.reranker import Reranker, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -119,14 +111,7 @@ def _open_seeded(folder: Path, train: Dataset, config: EngineConfig, seed: int) 
 
 def step_features(engine: Engine, user_id: str, item_ids: list[str], scores: np.ndarray) -> np.ndarray:
     """The feature rows serving would build for this user and these retrieved candidates, now."""
-    state = engine.state
-    with engine.lock:
-        row = state.users.row_of(user_id)
-        user = capture_user(state.users, row, state.users.query_vector(row))
-        items = ItemArrays.of(state.items)
-        now_ms = state_clock_ms(state.items)
-        rows = np.fromiter((state.items.rows[i] for i in item_ids), np.int64, len(item_ids))
-    return build_features([user], [rows], [np.asarray(scores, np.float32)], items, now_ms)
+    return engine.rerank_features(user_id, item_ids, scores)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """First start: fill an empty data dir with a dataset and a model trained on it (iALS by default, see
-engine/training.py), atomically (built in a side folder and renamed), so a crash mid-seed never leaves a
+offline/training.py), atomically (built in a side folder and renamed), so a crash mid-seed never leaves a
 half-seeded store."""
 from __future__ import annotations
 
@@ -11,24 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from streamrec.engine.api import ItemSpec
-from streamrec.engine.config import EngineConfig
+from streamrec.engine.config import STORE_FOLDER, EngineConfig
 from streamrec.engine.engine import Engine
 from streamrec.engine.observer import EngineObserver
+from streamrec.engine.offline import datasets
 from streamrec.engine.offline.datasets import Dataset
 
 log = logging.getLogger(__name__)
-
-STORE_FOLDER = "lmdb"
-
-
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    from streamrec.engine.offline import datasets
-
-    if name == "ml-100k":
-        return datasets.load_ml100k()
-    if name == "synthetic":
-        return datasets.synthetic(seed=seed)
-    raise ValueError(f"unknown dataset '{name}' (choose ml-100k, synthetic or none)")
 
 
 def seed_engine(engine: Engine, dataset: Dataset, seed: int = 0, method: str = "ials", progress: bool = False,
@@ -70,8 +59,8 @@ def open_engine(data_dir: str | Path, config: EngineConfig, dataset: str = "none
     """Open <data_dir>/lmdb, seeding it with `dataset` first if it does not exist yet."""
     data_dir = Path(data_dir)
     store_dir = data_dir / STORE_FOLDER
-    if not (store_dir / "data.mdb").exists() and dataset != "none":
-        data = load_dataset(dataset, seed)
+    if not Engine.holds_store(store_dir) and dataset != "none":
+        data = datasets.load(dataset, seed)
         staging = data_dir / f"{STORE_FOLDER}.seeding"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -2,7 +2,7 @@
 engine/offline/svd.py, with a per-epoch history (loss, and HR@10 on a held-out split when asked).
 
 The result is what the server serves: unit item vectors (top-k is cosine), and user vectors re-solved against
-those unit item vectors with the online model's fold-in parameters (see engine/online.py), so a user's first
+those unit item vectors with the online model's fold-in parameters (see engine/state/online.py), so a user's first
 online event continues from a vector of the same model instead of jumping to a different scale.
 
 Defaults were chosen on ML-100K, dim 64, each user's last liked movie held out (HR@10 among unseen items);

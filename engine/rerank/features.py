@@ -1,6 +1,6 @@
 """Features for the second stage (reranking): one row per (user, candidate), built for a whole batch of
-queries at once. Training (engine/rerank_training.py) and serving (engine/reranker.py) both call
-`build_features` (a Numba kernel, engine/cpu/rerank_features.py), so the two cannot drift;
+queries at once. Training (engine/offline/rerank_training.py) and serving (engine/rerank/reranker.py) both call
+`build_features` (a Numba kernel, engine/cpu/features.py), so the two cannot drift;
 `build_features_numpy` is the NumPy reference it is tested against (same values up to float rounding); the model's sidecar records FEATURE_SPEC and the dimension,
 and a model built for another spec or dimension is refused.
 
@@ -67,7 +67,7 @@ _EMPTY_ROWS = np.zeros(0, np.int64)
 _LOG1P_RANK = np.log1p(np.arange(1024, dtype=np.float32))  # float32, as the reference computes it
 _NEVER_LOG_HOURS = float(np.log1p(NEVER_HOURS))
 if _kernel.SCALAR_ORDER != SCALAR_FEATURES:  # the compiled kernel writes the columns in its own fixed order
-    raise ImportError("engine/cpu/rerank_features.SCALAR_ORDER differs from rerank_features.SCALAR_FEATURES")
+    raise ImportError("cpu/features.SCALAR_ORDER differs from rerank/features.SCALAR_FEATURES")
 
 
 def feature_count(dim: int) -> int:

@@ -13,8 +13,7 @@
   time) and through the new session, so the first real request does not pay for either.
 * Session options, for single-request latency: intra-op threads `threads` (1 by default), inter-op 1,
   sequential execution, graph optimisation ORT_ENABLE_ALL, the CPU memory arena on, no spinning between
-  calls. (Measured on the shipped model at 200 rows: optimisation level, arena and execution mode made no
-  difference within noise, ~0.34 ms each; they are ORT's defaults, set explicitly here.)
+  calls: ORT's defaults, set explicitly (the measurements behind them: benchmarks/RESULTS.md, "Reranking").
 * A swap is one reference assignment: a batch that already took the old model finishes with it.
 * serving never imports torch; onnxruntime itself is optional: without it the server logs a warning and
   serves retrieval only.
@@ -33,11 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from streamrec.engine.errors import InvalidArgument
-from streamrec.engine.rerank.features import FEATURE_SPEC, ItemArrays, UserContext, build_features, feature_count
+from streamrec.engine.rerank.features import (
+    FEATURE_SPEC,
+    ItemArrays,
+    UserContext,
+    build_features,
+    capture_user,
+    feature_count,
+    state_clock_ms,
+)
 
 log = logging.getLogger(__name__)
 
-SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "ml100k-reranker.onnx"
+SHIPPED_RERANKER = Path(__file__).resolve().parent / "models" / "ml100k-reranker.onnx"
 MAX_MODEL_BYTES = 256 << 20
 SIDECAR_FORMAT = "streamrec-reranker"
 WARM_CANDIDATES = 200  # rows of the warm-up request (the default `rerank_candidates`)
@@ -120,9 +127,13 @@ class RerankPlan:
 
 
 class Reranker:
-    def __init__(self, dim: int, provider: str = "auto", threads: int = 1):
+    def __init__(self, dim: int, provider: str = "auto", threads: int = 1, by_default: bool = True,
+                 candidates: int = 200):
         self.dim = dim
         self.threads = threads
+        self.by_default = by_default  # rerank requests that do not say
+        self.candidates = candidates  # retrieved candidates per reranked request, unless the request says
+        self._clock: tuple[tuple, int] = ((), 0)  # (state version, latest event timestamp)
         self.provider = choose_provider(provider)
         self._model: RerankModel | None = None
         self._swap_lock = threading.Lock()  # one load at a time; readers never take it
@@ -158,6 +169,19 @@ class Reranker:
             self.last_error = ""
         log.info("reranker: serving %s (version %s, %d features, %s)%s", model.path, model.version, model.features,
                  model.provider, f"; replaced {previous.version}" if previous else "")
+        return model
+
+    def reload(self, path: str | Path | None, items: ItemArrays, now_ms: int, embeddings_version: str) -> RerankModel:
+        """`load` with a probe from the live catalog; path None or "": the serving model's file, read again."""
+        if path is None or str(path) == "":
+            if self._model is None:
+                raise InvalidArgument("path", "no reranker is loaded; give the path of an ONNX model")
+            path = self._model.path
+        model = self.load(Path(path), probe=self.probe_features(items, now_ms))
+        trained_on = model.metadata.get("dataset")
+        if trained_on and embeddings_version != "none" and trained_on not in embeddings_version:
+            log.warning("reranker %s was trained on %s; this engine's embeddings are %s: expect a weaker second stage",
+                        model.version, trained_on, embeddings_version)
         return model
 
     def unload(self) -> None:
@@ -294,6 +318,29 @@ class Reranker:
         self.reranked_requests += len(order)
         return out
 
+    # --- serving ------------------------------------------------------------------------------------
+    def plan(self, queries, query_vectors: list[np.ndarray | None], state) -> RerankPlan | None:
+        """Under the state lock: snapshots of the users whose candidates the model will reorder (personalised
+        queries that want reranking while a model is loaded); None when no query of the batch is reranked."""
+        model = self._model
+        if model is None:
+            return None
+        users: dict[int, UserContext] = {}
+        candidates: dict[int, int] = {}
+        for i, query in enumerate(queries):
+            wanted = self.by_default if query.rerank is None else query.rerank
+            if wanted and query_vectors[i] is not None:
+                row = state.users.row_of(query.user_id)
+                users[i] = capture_user(state.users, row, query_vectors[i])
+                candidates[i] = max(query.k, query.candidates or self.candidates)
+        if not users:
+            return None
+        items = state.items
+        version = (state.embedding_version, state.applied_seq, len(items))
+        if self._clock[0] != version:  # the latest event time moves only when the state does
+            self._clock = (version, state_clock_ms(items))
+        return RerankPlan(model, users, candidates, ItemArrays.of(items), self._clock[1])
+
     def probe_features(self, items: ItemArrays, now_ms: int, rows: int = 64, seed: int = 0) -> np.ndarray | None:
         """Feature rows built from the live catalog (random users over random live items), for validation."""
         n = len(items.vectors)
@@ -323,6 +370,8 @@ class Reranker:
             "last_error": self.last_error,
             "reranked_requests": self.reranked_requests,
             "failed_batches": self.failed_batches,
+            "default_candidates": self.candidates,
+            "by_default": self.by_default,
         }
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamrec.engine.api import Recommendation, RecommendQuery
-from streamrec.engine.rerank.features import ItemArrays, capture_user, state_clock_ms
+from streamrec.engine.errors import NotFound
+from streamrec.engine.rerank.reranker import Reranker
 from streamrec.engine.retrieval.topk import Filters, TopKBackend
 from streamrec.engine.state.state import State
 
@@ -32,34 +33,23 @@ class _Prepared:
 
 
 class Retriever:
-    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend, device_dtype=np.float32):
+    """Reads the state under the engine lock, searches without it (the kernels release the GIL)."""
+
+    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend, reranker: Reranker | None = None):
         self.state = state
         self.lock = lock
         self.backend = backend
-        # GPU backends keep the item matrix resident and receive only the rows changed since the last search.
-        self._resident = getattr(backend, "search_resident", None)
-        self._device_matrix = None
-        self._device_lock = threading.Lock()
-        self._device_dtype = device_dtype
-        # Second stage (engine/reranker.py), set by the Engine; None or no model loaded: retrieval only.
-        self.reranker = None
-        self.rerank_by_default = True
-        self.rerank_candidates = 200
-        self._clock: tuple[tuple, int] = ((), 0)  # (state version, latest event timestamp)
+        self.reranker = reranker  # second stage; None or no model loaded: retrieval only
+        # Sync and search in pairs: a backend's resident copy of the catalog (GPU) is not changed under a search.
+        self._search_lock = threading.Lock()
 
     def _search_vectors(self, queries: np.ndarray, host_items: np.ndarray, k: int, filters: Filters):
-        if self._resident is None:
-            return self.backend.search(queries, host_items, k, filters)
-        from streamrec.engine.gpu.topk import DeviceItemMatrix
-
-        with self._device_lock:  # one sync+search at a time keeps the device copy consistent
+        with self._search_lock:
             with self.lock:
                 items = self.state.items
-                if self._device_matrix is None:
-                    self._device_matrix = DeviceItemMatrix(items.dim, self._device_dtype)
-                self._device_matrix.sync(items.vectors, items.live, items.category_bits, len(items),
-                                         items.take_device_changes())
-            return self._resident(queries, k, filters, self._device_matrix)
+                self.backend.sync(items.vectors, items.live, items.category_bits, len(items),
+                                  items.take_device_changes())
+            return self.backend.search_synced(queries, host_items, k, filters)
 
     def _prepare(self, queries: list[RecommendQuery], vectors_for: list[np.ndarray] | None = None) -> _Prepared:
         items, users = self.state.items, self.state.users
@@ -110,40 +100,22 @@ class Retriever:
             # Only cold-start queries rank by popularity: skip the pass over every item when none is in the batch.
             cold = any(vector is None for vector in prepared.queries)
             popularity = self.state.items.popularity_scores() if cold else None
-            plan = self._plan_rerank(queries, prepared)
+            plan = self.reranker.plan(queries, prepared.queries, self.state) if self.reranker is not None else None
         return self._search(queries, prepared, popularity, plan)
 
-    def _plan_rerank(self, queries: list[RecommendQuery], prepared: _Prepared):
-        """Under the lock: snapshots of the users whose candidates the model will reorder (personalised
-        queries that want reranking while a model is loaded)."""
-        reranker = self.reranker
-        model = reranker.model if reranker is not None else None
-        if model is None:
-            return None
-        users: dict = {}
-        candidates: dict[int, int] = {}
-        for i, query in enumerate(queries):
-            wanted = self.rerank_by_default if query.rerank is None else query.rerank
-            if wanted and prepared.queries[i] is not None:
-                row = self.state.users.row_of(query.user_id)
-                users[i] = capture_user(self.state.users, row, prepared.queries[i])
-                candidates[i] = max(query.k, query.candidates or self.rerank_candidates)
-        if not users:
-            return None
-        from streamrec.engine.rerank.reranker import RerankPlan
-
-        items = self.state.items
-        version = (getattr(self.state, "embedding_version", 0), getattr(self.state, "applied_seq", 0), len(items))
-        if self._clock[0] != version:
-            self._clock = (version, state_clock_ms(items))
-        return RerankPlan(model, users, candidates, ItemArrays.of(items), self._clock[1])
-
-    def similar(self, item_row: int, query: RecommendQuery) -> Recommendation:
+    def similar(self, item_id: str, query: RecommendQuery) -> Recommendation:
+        """The items nearest to a live item, under the query's k and category filters; the item itself excluded."""
         with self.lock:
-            vector = self.state.items.vectors[item_row].copy()
+            items = self.state.items
+            item_row = items.row_of(item_id)
+            if item_row is None or not items.live[item_row]:
+                raise NotFound("item_id", f"unknown item '{item_id}'" if item_row is None else f"item '{item_id}' is deleted")
+            vector = items.vectors[item_row].copy()
             prepared = self._prepare([query], vectors_for=[vector])
             prepared.excluded[0] = np.append(prepared.excluded[0], np.int64(item_row))
-        return self._search([query], prepared, None)[0]
+        result = self._search([query], prepared, None)[0]
+        result.strategy = "similar"
+        return result
 
     def _search(self, queries: list[RecommendQuery], prepared: _Prepared, popularity: np.ndarray | None,
                 plan=None) -> list[Recommendation]:

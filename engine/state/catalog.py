@@ -9,7 +9,7 @@ import numpy as np
 _WORD_BITS = 64
 
 
-def _grow(array: np.ndarray, rows: int, fill=0) -> np.ndarray:
+def grow(array: np.ndarray, rows: int, fill=0) -> np.ndarray:
     """A copy with at least `rows` rows. Readers holding the old array keep a consistent view."""
     capacity = max(rows, 2 * len(array), 64)
     grown = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
@@ -95,12 +95,12 @@ class ItemCatalog:
     # --- items --------------------------------------------------------------------------------
     def _ensure_capacity(self, rows: int) -> None:
         if rows > len(self.vectors):
-            self.vectors = _grow(self.vectors, rows)
-            self.live = _grow(self.live, rows, False)
-            self.category_bits = _grow(self.category_bits, rows)
-            self.log2_popularity = _grow(self.log2_popularity, rows, -np.inf)
-            self.interactions = _grow(self.interactions, rows)
-            self.last_event_ms = _grow(self.last_event_ms, rows)
+            self.vectors = grow(self.vectors, rows)
+            self.live = grow(self.live, rows, False)
+            self.category_bits = grow(self.category_bits, rows)
+            self.log2_popularity = grow(self.log2_popularity, rows, -np.inf)
+            self.interactions = grow(self.interactions, rows)
+            self.last_event_ms = grow(self.last_event_ms, rows)
 
     def derived_vector(self, categories: list[str]) -> np.ndarray:
         """A starting vector for an item without one: the mean direction of live items that share its

@@ -1,4 +1,4 @@
-"""The online learning rule, as a plain NumPy reference; engine/cpu/update.py is its batched Numba kernel.
+"""The online learning rule, as a plain NumPy reference; engine/cpu/online.py is its batched Numba kernel.
 
 Events are applied strictly one at a time, in log order, so the state after a sequence of events does not
 depend on how it was cut into batches (live group commits and crash replay cut it differently):

@@ -8,7 +8,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from streamrec.engine.api import Event, ItemSpec
+from streamrec.engine.api import Event, ItemSpec, ItemView, UserView
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import apply_events as apply_update_kernel
 from streamrec.engine.signals import event_strengths, event_weight, event_weights, is_positive
@@ -53,7 +53,7 @@ class State:
             alpha=config.online_alpha, reg=config.online_reg, cg_steps=config.online_cg_steps,
             half_life_ms=self.user_half_life_ms, decay_floor=config.user_decay_floor,
             item_lr=config.item_lr, item_lr_new=config.item_lr_new, history=config.online_history)
-        # G = Y^T Y over live items, exact fixed point (see engine/online.py); `gram` is its float64 value.
+        # G = Y^T Y over live items, exact fixed point (see state/online.py); `gram` is its float64 value.
         self.gram_fixed = np.zeros((config.dim, config.dim))
         self.gram = np.zeros((config.dim, config.dim))
         self.applied_seq = 0
@@ -62,7 +62,7 @@ class State:
     # --- log records ------------------------------------------------------------------------
     def apply_events(self, events: list[Event]) -> None:
         """Apply events whose items exist (the writer checked), in log order: the online model
-        (engine/online.py, kernel engine/cpu/update.py) moves each user's vector and, by a smaller step, the
+        (state/online.py, kernel cpu/online.py) moves each user's vector and, by a smaller step, the
         item's; the same events give bit-identical state however they are batched."""
         if not events:
             return
@@ -108,7 +108,7 @@ class State:
 
     def online_arrays(self, moved: np.ndarray) -> OnlineArrays:
         items, users = self.items, self.users
-        return OnlineArrays(users.accumulators, users.last_event_ms, users.hist_items, users.hist_strength,
+        return OnlineArrays(users.vectors, users.last_event_ms, users.hist_items, users.hist_strength,
                             users.hist_ts, users.hist_count, items.vectors, items.live, items.interactions,
                             self.gram_fixed, self.gram, moved)
 
@@ -159,7 +159,7 @@ class State:
             row = users.rows.get(user_id)
             if row is None:
                 continue
-            users.accumulators[row] = vector
+            users.vectors[row] = vector
             # A trained vector is interest enough to personalise, even when no event was "positive".
             users.positive_counts[row] = max(users.positive_counts[row], 1) if np.any(vector) else users.positive_counts[row]
         if refold:
@@ -182,7 +182,28 @@ class State:
             if not pref.any():
                 continue
             x = fold_in_exact(self.gram, items.vectors[users.hist_items[row, slots]], cw, pref, p.reg)
-            users.accumulators[row] = x.astype(np.float32)
+            users.vectors[row] = x.astype(np.float32)
+
+    # --- views (the caller holds the engine lock) ---------------------------------------------------
+    def item_view(self, item_id: str, now_ms: int) -> ItemView | None:
+        items = self.items
+        row = items.row_of(item_id)
+        if row is None:
+            return None
+        return ItemView(item_id, list(items.categories[row]), dict(items.attributes[row]), items.vectors[row].copy(),
+                        not bool(items.live[row]), int(items.interactions[row]), items.popularity_at(row, now_ms),
+                        int(items.last_event_ms[row]))
+
+    def user_view(self, user_id: str, history_limit: int) -> UserView | None:
+        users, items = self.users, self.items
+        row = users.row_of(user_id)
+        if row is None:
+            return None
+        vector = users.query_vector(row)
+        recent = list(users.history[row])[::-1][:history_limit]
+        return UserView(user_id, vector if vector is not None else np.zeros(self.dim, np.float32),
+                        [(items.ids[r], t, v, ts) for r, t, v, ts in recent], int(users.event_counts[row]),
+                        len(users.seen[row]), int(users.last_event_ms[row]))
 
     # --- checkpoint --------------------------------------------------------------------------
     def checkpoint_snapshot(self) -> CheckpointSnapshot:
@@ -198,7 +219,7 @@ class State:
         user_ids = [uid for uid in sorted(users.dirty) if uid in users.rows]
         index = np.fromiter(map(users.rows.__getitem__, user_ids), np.int64, len(user_ids))
         seen, history = users.seen, users.history
-        user_columns = UserColumns(user_ids, users.accumulators[index], [set(seen[r]) for r in index.tolist()],
+        user_columns = UserColumns(user_ids, users.vectors[index], [set(seen[r]) for r in index.tolist()],
                                    [tuple(history[r]) for r in index.tolist()], users.event_counts[index],
                                    users.last_event_ms[index], users.positive_counts[index])
         snapshot = CheckpointSnapshot(self.applied_seq, item_columns, user_columns, sorted(users.forgotten))
@@ -229,7 +250,7 @@ class State:
             items.interactions[record.row] = record.interactions
         for record in user_records:
             row = users.ensure(record.user_id)
-            users.accumulators[row] = record.vector
+            users.vectors[row] = record.vector
             users.seen[row] = set(int(r) for r in record.seen)
             users.history[row].extend(tuple(h) for h in record.history.tolist())
             history = record.history[-users.history_len:]

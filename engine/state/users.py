@@ -1,5 +1,5 @@
 """The user side of the in-memory state: unnormalised user vectors (the online model's x_u, see
-engine/online.py), full seen sets and a bounded recent history per user, kept twice: as tuples for the API and
+engine/state/online.py), full seen sets and a bounded recent history per user, kept twice: as tuples for the API and
 checkpoints, and as a ring buffer of arrays (item row, signed strength, timestamp) that the update kernel reads."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from streamrec.engine.state.catalog import _grow
+from streamrec.engine.state.catalog import grow
 
 _SEEN_CACHE_ROWS = 8 << 20  # seen rows kept as arrays between requests, all users together (64 MiB)
 
@@ -19,7 +19,7 @@ class UserTable:
         self.rows: dict[str, int] = {}
         self.ids: list[str | None] = []
         self.free_rows: list[int] = []  # rows of forgotten users, reused
-        self.accumulators = np.zeros((0, dim), np.float32)
+        self.vectors = np.zeros((0, dim), np.float32)
         self.last_event_ms = np.zeros(0, np.int64)
         self.event_counts = np.zeros(0, np.int64)
         self.positive_counts = np.zeros(0, np.int64)
@@ -52,20 +52,20 @@ class UserTable:
             self.ids[row] = user_id
         else:
             row = len(self.ids)
-            if row >= len(self.accumulators):
-                self.accumulators = _grow(self.accumulators, row + 1)
-                self.last_event_ms = _grow(self.last_event_ms, row + 1)
-                self.event_counts = _grow(self.event_counts, row + 1)
-                self.positive_counts = _grow(self.positive_counts, row + 1)
-                self.hist_items = _grow(self.hist_items, row + 1)
-                self.hist_strength = _grow(self.hist_strength, row + 1)
-                self.hist_ts = _grow(self.hist_ts, row + 1)
-                self.hist_count = _grow(self.hist_count, row + 1)
+            if row >= len(self.vectors):
+                self.vectors = grow(self.vectors, row + 1)
+                self.last_event_ms = grow(self.last_event_ms, row + 1)
+                self.event_counts = grow(self.event_counts, row + 1)
+                self.positive_counts = grow(self.positive_counts, row + 1)
+                self.hist_items = grow(self.hist_items, row + 1)
+                self.hist_strength = grow(self.hist_strength, row + 1)
+                self.hist_ts = grow(self.hist_ts, row + 1)
+                self.hist_count = grow(self.hist_count, row + 1)
             self.ids.append(user_id)
             self.seen.append(set())
             self.history.append(deque(maxlen=self.history_len))
         self.rows[user_id] = row
-        self.accumulators[row] = 0
+        self.vectors[row] = 0
         self.last_event_ms[row] = 0
         self.event_counts[row] = 0
         self.positive_counts[row] = 0
@@ -109,7 +109,7 @@ class UserTable:
         if row is None:
             return False
         self.ids[row] = None
-        self.accumulators[row] = 0
+        self.vectors[row] = 0
         self.hist_count[row] = 0
         self.seen[row] = set()
         self.history[row] = deque(maxlen=self.history_len)
@@ -126,7 +126,7 @@ class UserTable:
     def query_vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(unit query vectors float32 [len(rows), d], usable bool [len(rows)]) for a batch of rows; a row
         is unusable (its vector meaningless) while the user has expressed no positive interest."""
-        vectors = self.accumulators[rows].astype(np.float64)
+        vectors = self.vectors[rows].astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
         usable = (self.positive_counts[rows] > 0) & (norms > 1e-12)
         return (vectors / np.where(usable, norms, 1.0)[:, None]).astype(np.float32), usable

@@ -1,5 +1,32 @@
 """What lies where in the store's two LMDB environments: the databases of each, the store format, the meta keys,
-and how ids become LMDB keys (see store.py's docstring for the table and the contracts)."""
+and how ids become LMDB keys (the contracts: store.py's docstring).
+
+=============  =====  ======================================  ==============================================
+name           env    key                                     value
+=============  =====  ======================================  ==============================================
+log            log    seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
+index_journal  log    first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
+                                                              merged into those trees (journal.py)
+meta           log    str                                     store_format, last_seq
+idem           state  event_id                                seq (u64 BE) of the record that carried it
+user_log       state  user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
+items          state  item_id                                 packed ItemRecord metadata (no vector)
+item_vectors   state  row (u32 BE)                            float32 little-endian vector
+item_rows      state  row (u32 BE)                            item_id utf-8 (keeps rows unique)
+users          state  user_id                                 packed UserRecord
+meta           state  str                                     store_format, checkpoint_seq, anything else
+=============  =====  ======================================  ==============================================
+
+``idem`` and ``user_log`` are therefore the trees plus the journal: a group commit appends its log records and
+ONE journal record, and the keys reach the trees later, many commits at a time (in a checkpoint's transaction,
+before an erasure, or when more than ``_PENDING_INDEX_CAP`` are waiting). Both are durable from the commit on.
+A merge commits in the state environment first; the journal records it covered are deleted afterwards by the
+next log write, and merging a key twice (after a crash in between) writes the same entry again.
+
+Keys are the UTF-8 id, except that the empty id becomes ``b"\\xfe"`` and ids longer than LMDB's
+511-byte key limit become ``b"\\xff" + blake2b-256(id)``: neither byte occurs in UTF-8, so these
+never collide with a plain id. Records keep the full id in their value.
+"""
 from __future__ import annotations
 
 import hashlib

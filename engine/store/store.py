@@ -6,31 +6,9 @@ commits need (LMDB allows one write transaction per environment):
 - the **log environment** (the store's folder), written by every group commit;
 - the **state environment** (its ``state/`` subfolder), written by checkpoints, index merges and erasures.
 
-=============  =====  ======================================  ==============================================
-name           env    key                                     value
-=============  =====  ======================================  ==============================================
-log            log    seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
-index_journal  log    first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
-                                                              merged into those trees (engine/index_journal.py)
-meta           log    str                                     store_format, last_seq
-idem           state  event_id                                seq (u64 BE) of the record that carried it
-user_log       state  user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
-items          state  item_id                                 packed ItemRecord metadata (no vector)
-item_vectors   state  row (u32 BE)                            float32 little-endian vector
-item_rows      state  row (u32 BE)                            item_id utf-8 (keeps rows unique)
-users          state  user_id                                 packed UserRecord
-meta           state  str                                     store_format, checkpoint_seq, anything else
-=============  =====  ======================================  ==============================================
-
-``idem`` and ``user_log`` are therefore the trees plus the journal: a group commit appends its log records and
-ONE journal record, and the keys reach the trees later, many commits at a time (in a checkpoint's transaction,
-before an erasure, or when more than ``_PENDING_INDEX_CAP`` are waiting). Both are durable from the commit on.
-A merge commits in the state environment first; the journal records it covered are deleted afterwards by the
-next log write, and merging a key twice (after a crash in between) writes the same entry again.
-
-Keys are the UTF-8 id, except that the empty id becomes ``b"\\xfe"`` and ids longer than LMDB's
-511-byte key limit become ``b"\\xff" + blake2b-256(id)``: neither byte occurs in UTF-8, so these
-never collide with a plain id. Records keep the full id in their value.
+The databases of each, their keys and values, and how ids become keys: layout.py. ``idem`` and ``user_log`` are
+the trees plus the journal: a group commit appends its log records and ONE journal record, and the keys reach the
+trees later, many commits at a time (see layout.py and journal.py).
 
 Recovery contract: the state after a crash is "checkpoint (items, users) + replay of every log
 record with seq > checkpoint_seq()". Sequence numbers are never reused: ``meta["last_seq"]`` keeps
@@ -134,6 +112,11 @@ def _pick(column: list, kept: Sequence[int]) -> list:
 
 class Store:
     """The two LMDB environments of one engine. See the module docstring for layout and contracts."""
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """True when `path` holds a store (its log environment's data file)."""
+        return (path / "data.mdb").exists()
 
     def __init__(self, path: str | Path, *, sync: bool = True, initial_map_size: int = 64 << 20) -> None:
         self.path = Path(path)

@@ -1,17 +1,29 @@
-"""What one group commit writes and how it is applied: the writer thread turns a group of queued operations
-into one plan (the columns `Store.append_records` takes, no object per event), commits it in one LMDB
-transaction, then applies its steps to the state in log order (`Engine._apply_plan`)."""
+"""What the writer thread does with a group of queued operations: plan -> append -> apply -> complete.
+
+The group becomes one plan (the columns `Store.append_records` takes, no object per event), is written in one
+LMDB transaction, applied to the state in log order under the engine lock, and only then are the callers'
+futures completed: an acknowledged write is durable and already visible to reads. Operations that must run alone
+(erasure, forced checkpoints, seeding) go through `run_exclusive`.
+"""
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
 
 import numpy as np
 
-from streamrec.engine.api import DeleteResult, Event, IngestResult, Rejection, UpsertResult
+from streamrec.engine.api import DeleteResult, Event, IngestResult, ItemSpec, Rejection, UpsertResult
+from streamrec.engine.observer import EngineObserver
+from streamrec.engine.state.state import State
 from streamrec.engine.store import codec
-from streamrec.engine.write.writer import Op
+from streamrec.engine.store.store import LogEntry, Store
+from streamrec.engine.write.checkpointer import Checkpointer
+from streamrec.engine.write.writer import Op, OpKind
+
+MODEL_VERSION_KEY = "model_version"  # store meta: the version of the model the engine was seeded with
 
 _EVENT_ID, _USER_ID, _ITEM_ID = attrgetter("event_id"), attrgetter("user_id"), attrgetter("item_id")
 
@@ -40,16 +52,16 @@ class GroupPlan:
         self.results: dict[int, object] = {}
 
     def add(self, op: Op) -> None:
-        if op.kind == "events":
+        if op.kind is OpKind.EVENTS:
             result = self.results[id(op)] = IngestResult()
             events = self._live_events(op.payload, result)
             self._write(op, events, codec.encode_events(events), map(_EVENT_ID, events), map(_USER_ID, events))
-        elif op.kind == "upsert":
+        elif op.kind is OpKind.UPSERT:
             self.results[id(op)] = UpsertResult()
             for spec in op.payload:
                 self._write(op, [spec], [codec.encode_upsert(spec)], [None], [None])
                 self.pending_live[spec.item_id] = True
-        elif op.kind == "delete":
+        elif op.kind is OpKind.DELETE:
             result = self.results[id(op)] = DeleteResult()
             for item_id in dict.fromkeys(op.payload):
                 if self._item_problem(item_id) is None:
@@ -106,3 +118,84 @@ def count_accepted(events: list[Event], seqs: list[int | None], result: IngestRe
     result.duplicates = len(events) - len(written)
     result.first_seq = first
     return written
+
+
+class GroupCommit:
+    """The writer thread's side of every write (GroupCommitWriter calls `commit` and `run_exclusive`)."""
+
+    def __init__(self, store: Store, state: State, lock: threading.RLock, checkpointer: Checkpointer,
+                 observer: EngineObserver):
+        self.store, self.state, self.lock = store, state, lock
+        self.checkpointer, self.observer = checkpointer, observer
+
+    def commit(self, group: list[Op]) -> None:
+        """Validate against current state, write one transaction, apply in log order, complete futures."""
+        plan = GroupPlan(self.state.items)
+        for op in group:
+            plan.add(op)
+        started = time.perf_counter()
+        seqs = self.store.append_records(plan.payloads, plan.event_ids, plan.user_ids)
+        # Seqs only grow, so the group's last one is the log's; reading it back costs a transaction per group.
+        durable = next((seq for seq in reversed(seqs) if seq is not None), None) or self.store.last_seq()
+        self.observer.commit(time.perf_counter() - started, len(plan.payloads))
+        with self.lock:
+            self._apply(plan, seqs)
+            self.state.applied_seq = durable
+        self.checkpointer.count(len(seqs) - seqs.count(None))
+        for op in group:
+            result = plan.results[id(op)]
+            result.durable_seq = durable
+            op.complete(result)
+
+    def _apply(self, plan: GroupPlan, seqs: list[int | None]) -> None:
+        """Apply what was written, in log order; runs of events (several ops' worth) go to State in one call."""
+        state = self.state
+        batch: list[Event] = []
+        for step in plan.steps:
+            result = plan.results[id(step.op)]
+            step_seqs = seqs[step.start:step.start + len(step.records)]
+            if step.op.kind is OpKind.EVENTS:
+                batch += count_accepted(step.records, step_seqs, result)
+                continue
+            state.apply_events(batch)
+            batch = []
+            record = step.records[0]
+            if isinstance(record, ItemSpec):
+                if state.apply_upsert(record):
+                    result.created += 1
+                else:
+                    result.updated += 1
+            else:
+                state.apply_delete(record.item_id)
+                result.deleted += 1
+        state.apply_events(batch)
+
+    def run_exclusive(self, op: Op):
+        self.checkpointer.wait()  # erasure and seeding write the checkpointed state themselves
+        if op.kind is OpKind.CHECKPOINT:
+            return self.checkpointer.now()
+        if op.kind is OpKind.FORGET:
+            erased = self.store.forget_user(op.payload)
+            with self.lock:
+                self.state.users.forget(op.payload)
+            # Popularity already counted the erased events; checkpoint now so a replay after a crash
+            # starts from the same aggregates instead of recounting without them.
+            self.checkpointer.now()
+            return erased
+        if op.kind is OpKind.SEED:
+            return self._seed(*op.payload)
+        raise AssertionError(f"unexpected op {op.kind}")
+
+    def _seed(self, items: list[ItemSpec], events: list[Event], user_ids, user_vectors, model_version: str) -> str:
+        """A trained model and its training log, written and applied as one checkpointed step."""
+        entries = [LogEntry(codec.encode_upsert(spec)) for spec in items]
+        entries += [LogEntry(codec.encode_event(e), e.event_id, e.user_id) for e in events]
+        self.store.append_log(entries)
+        with self.lock:
+            for spec in items:
+                self.state.apply_upsert(spec)
+            self.state.seed_users(events, user_ids, np.asarray(user_vectors, np.float32))
+            self.state.applied_seq = self.store.last_seq()
+        self.store.put_meta(MODEL_VERSION_KEY, model_version.encode())
+        self.checkpointer.now()
+        return model_version

@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable
 
 from streamrec.engine.errors import ResourceExhausted, Unavailable
@@ -16,9 +17,25 @@ from streamrec.engine.errors import ResourceExhausted, Unavailable
 log = logging.getLogger(__name__)
 
 
+class OpKind(str, Enum):
+    """What a queued write does. The first three share group transactions; the others run alone."""
+
+    EVENTS = "events"  # payload: [(index in the caller's batch, Event)], validated
+    UPSERT = "upsert"  # payload: [ItemSpec]
+    DELETE = "delete"  # payload: [item_id]
+    FORGET = "forget"  # payload: user_id
+    CHECKPOINT = "checkpoint"  # payload: None
+    SEED = "seed"  # payload: (items, events, user_ids, user_vectors, model_version)
+
+    @property
+    def exclusive(self) -> bool:
+        """Runs alone, outside a group transaction: erasure and seeding write the checkpointed state themselves."""
+        return self in (OpKind.FORGET, OpKind.CHECKPOINT, OpKind.SEED)
+
+
 @dataclass
 class Op:
-    kind: str  # "events" | "upsert" | "delete" | "forget" | "checkpoint" | "seed"
+    kind: OpKind
     payload: Any
     future: Future = field(default_factory=Future)
     # Turns the commit's result into the caller's, on the writer thread: one future per call instead of a
@@ -30,8 +47,7 @@ class Op:
 
     @property
     def exclusive(self) -> bool:
-        """Ops that must run alone, outside a group transaction."""
-        return self.kind in ("forget", "checkpoint", "seed")
+        return self.kind.exclusive
 
 
 class GroupCommitWriter:
@@ -58,10 +74,11 @@ class GroupCommitWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, kind: str, payload: Any, timeout_s: float = 5.0, finish: Callable[[Any], Any] | None = None) -> Future:
+    def submit(self, kind: OpKind | str, payload: Any, timeout_s: float = 5.0,
+               finish: Callable[[Any], Any] | None = None) -> Future:
         if self._closed:
             raise Unavailable("", "the engine is shutting down")
-        op = Op(kind, payload, finish=finish)
+        op = Op(OpKind(kind), payload, finish=finish)
         try:
             self._queue.put(op, timeout=timeout_s)
         except queue.Full:
