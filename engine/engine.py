@@ -232,10 +232,9 @@ class Engine:
     def similar_items(self, item_id: str, k: int | None = None, include_categories=(), exclude_categories=(),
                       request_id: str = "") -> Recommendation:
         """The live items nearest to `item_id` (itself excluded), under the category filters."""
-        check_id("item_id", item_id, self.limits)
         query = check_query(self.limits, self.config.default_k, item_id, k, exclude_seen=False,
                             include_categories=include_categories, exclude_categories=exclude_categories,
-                            request_id=request_id, user_field="item_id")
+                            request_id=request_id, user_field="item_id")  # checks item_id, naming the field
         query.user_id = ""  # no user: the item's vector is the query
         return self.retriever.similar(item_id, query)
 
