@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from streamrec.cli import client, evaluate, rerank, serve, token, train
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process = os.environ.get("STREAMREC_PROCESS_NAME")  # set by `serve --replicas N` for each of its processes
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s {process + ' ' if process else ''}%(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve.run(args)
     if args.command == "evaluate":

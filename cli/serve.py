@@ -1,6 +1,7 @@
 """`streamrec serve`: run the server (seeds an empty data dir with a dataset)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,11 +10,18 @@ from streamrec.cli.rerank import serving_model_path
 from streamrec.engine.config import EngineConfig
 from streamrec.server import auth
 from streamrec.server.app import ServerConfig, StreamrecServer
-from streamrec.server.tls import TlsConfigError
+from streamrec.server.supervisor import Supervisor, free_port
+from streamrec.server.tls import TlsConfigError, tls_files
+
+
+# Flags the supervisor sets per child; every other flag is passed to each child as given.
+_TOPOLOGY_DESTS = {"replicas", "process_ports", "role", "primary", "process_port", "metrics_port", "port"}
+_parser = None
 
 
 def register(subparsers) -> None:
-    serve = subparsers.add_parser("serve", help="run the server (seeds an empty data dir with a dataset)")
+    global _parser
+    serve = _parser = subparsers.add_parser("serve", help="run the server (seeds an empty data dir with a dataset)")
     serve.add_argument("--host", default=env("HOST", "127.0.0.1"), help="bind address (env STREAMREC_HOST)")
     serve.add_argument("--port", type=int, default=int(env("PORT", 50051)), help="0 = any free port (env STREAMREC_PORT)")
     serve.add_argument("--data-dir", type=Path, default=Path(env("DATA_DIR", "data")), help="LMDB folder (env STREAMREC_DATA_DIR)")
@@ -40,6 +48,15 @@ def register(subparsers) -> None:
     serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
     serve.add_argument("--no-sync", action="store_true", help="skip fsync per commit (faster; acks no longer survive power loss)")
+    serve.add_argument("--replicas", type=int, default=int(env("REPLICAS", 0)),
+                       help="read replicas besides the primary, each a process of its own on the same port "
+                            "(env STREAMREC_REPLICAS; 0 = one process; README: choosing N)")
+    serve.add_argument("--process-ports", default=env("PROCESS_PORTS", ""),
+                       help="with --replicas: a port of each process alone, primary first, comma-separated, for "
+                            "clients that balance calls themselves (default: free ports, logged at start)")
+    serve.add_argument("--role", choices=["primary", "replica"], default="primary", help=argparse.SUPPRESS)
+    serve.add_argument("--primary", default=None, help=argparse.SUPPRESS)  # a replica forwards writes here
+    serve.add_argument("--process-port", type=int, default=None, help=argparse.SUPPRESS)
     # Security: file paths only, never secrets on the command line (see server/tls.py and server/auth.py).
     serve.add_argument("--tls-cert", type=Path, default=env("TLS_CERT", None), help="PEM server certificate chain (env STREAMREC_TLS_CERT)")
     serve.add_argument("--tls-key", type=Path, default=env("TLS_KEY", None), help="PEM private key (env STREAMREC_TLS_KEY)")
@@ -50,7 +67,45 @@ def register(subparsers) -> None:
                             "(env STREAMREC_TOKENS_FILE; off by default = no authentication)")
 
 
+def child_argv(args, role: str, process_port: int, primary: str | None, index: int) -> list[str]:
+    """The `serve` arguments of one supervised process: the user's flags, then its place in the topology."""
+    argv = ["--log-level", args.log_level, "serve"]
+    for action in _parser._actions:
+        if not action.option_strings or action.dest in _TOPOLOGY_DESTS or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    argv += ["--port", str(args.port), "--replicas", "0", "--role", role, "--process-port", str(process_port)]
+    if primary:
+        argv += ["--primary", primary]
+    if args.metrics_port is not None:  # one metrics port per process: the given one, then the next ones
+        argv += ["--metrics-port", str(int(args.metrics_port) + index if int(args.metrics_port) else 0)]
+    return argv
+
+
+def supervise(args) -> int:
+    ports = [int(p) for p in str(args.process_ports).split(",") if p.strip()]
+    args.port = args.port or free_port(args.host)  # every child binds the same one
+    names = iter(range(args.replicas + 1))
+    supervisor = Supervisor(
+        lambda role, port, primary: child_argv(args, role, port, primary, next(names)), args.host, args.port,
+        args.replicas, ports, tls=tls_files(args.tls_cert, args.tls_key, args.tls_client_ca))
+    return supervisor.run_forever()
+
+
 def run(args) -> int:
+    if args.replicas < 0:
+        print("error: --replicas must be 0 or more", file=sys.stderr)
+        return 2
+    if args.replicas:
+        try:
+            return supervise(args)
+        except (TlsConfigError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
                           reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
                           rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider)
@@ -59,7 +114,8 @@ def run(args) -> int:
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),
                           metrics_port=None if args.metrics_port is None else int(args.metrics_port),
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          tokens_file=args.tokens_file)
+                          tokens_file=args.tokens_file, role=args.role, primary_target=args.primary,
+                          process_port=args.process_port)
     try:
         server = StreamrecServer(config)
     except (TlsConfigError, auth.TokensFileError) as error:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from streamrec.clients.channel import auth_metadata, channel_credentials, channel_options, uses_tls
 from streamrec.clients.client import StreamrecClient, StreamResult
 from streamrec.clients.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, _backoff_or_raise, _remaining
+from streamrec.clients.session import Session
 from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
 
 T = TypeVar("T")
@@ -130,7 +131,8 @@ class AsyncEventStream:
     """asyncio form of `client.EventStream`: `await send(batch)` waits while `max_inflight` batches are
     unacked; a task reads the acks; a retryable failure reopens the stream and resends the unacked batches."""
 
-    def __init__(self, method, max_inflight: int, policy: RetryPolicy, deadline: float | None):
+    def __init__(self, method, max_inflight: int, policy: RetryPolicy, deadline: float | None,
+                 session: Session | None = None):
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self._method, self._max_inflight, self._policy, self._deadline = method, max_inflight, policy, deadline
@@ -142,7 +144,7 @@ class AsyncEventStream:
         self._cancelled = False
         self._error: BaseException | None = None
         self._finished = asyncio.Event()
-        self._result = StreamResult(0, 0, 0, [], 0)
+        self._result = StreamResult(0, 0, 0, [], 0, session=session)
         self._reader: asyncio.Task | None = None
         self.sent = 0
 
@@ -263,11 +265,12 @@ class AsyncStreamrecClient:
                  root_certificates: bytes | str | os.PathLike | None = None,
                  certificate_chain: bytes | str | os.PathLike | None = None,
                  private_key: bytes | str | os.PathLike | None = None, server_name: str | None = None,
-                 options: Sequence[tuple[str, object]] = ()):
+                 options: Sequence[tuple[str, object]] = (), consistency: str = "session"):
         self.address = address
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy
         self.retry_non_idempotent = retry_non_idempotent
+        self.session = Session(consistency)  # as in StreamrecClient (session.py)
         self.metadata = auth_metadata(token, metadata)
         if channel is not None and self.metadata:
             raise ValueError("grpc.aio interceptors are set when a channel is made: pass token/metadata or a channel, not both")
@@ -300,8 +303,10 @@ class AsyncStreamrecClient:
         return None if timeout is None else time.monotonic() + timeout
 
     async def _unary(self, method, request, timeout_s: float | None, idempotent: bool, retry: bool | None = None):
-        return await call_with_retry_async(lambda remaining: method(request, timeout=remaining),
-                                           self._policy(idempotent, retry), self._deadline(timeout_s))
+        request = self.session.stamp(request)
+        return self.session.observe(await call_with_retry_async(lambda remaining: method(request, timeout=remaining),
+                                                                self._policy(idempotent, retry),
+                                                                self._deadline(timeout_s)))
 
     # --- health ----------------------------------------------------------------------------------
     async def health(self, service: str = "", timeout_s: float | None = None, retry: bool | None = None) -> str:
@@ -334,7 +339,15 @@ class AsyncStreamrecClient:
     def recommend_stream(self, requests: Iterable[recommend_pb2.RecommendRequest] | AsyncIterable[recommend_pb2.RecommendRequest],
                          timeout_s: float | None = None) -> AsyncIterator[recommend_pb2.RecommendResponse]:
         """An async iterator of responses (matched by request_id; order may differ). Not retried."""
-        return self.recommender.RecommendStream(_aiter(requests), timeout=self._timeout(timeout_s))
+        return self._observed(self.recommender.RecommendStream(self._stamped(requests), timeout=self._timeout(timeout_s)))
+
+    async def _stamped(self, requests) -> AsyncIterator[recommend_pb2.RecommendRequest]:
+        async for request in _aiter(requests):
+            yield self.session.stamp(request)
+
+    async def _observed(self, responses) -> AsyncIterator[recommend_pb2.RecommendResponse]:
+        async for response in responses:
+            yield self.session.observe(response)
 
     async def similar_items(self, item_id: str, k: int | None = None, timeout_s: float | None = None,
                             retry: bool | None = None) -> recommend_pb2.SimilarItemsResponse:
@@ -355,7 +368,7 @@ class AsyncStreamrecClient:
         """As `StreamrecClient.send_events`; `events` may be an async iterable. With wait_for_acks=False the
         AsyncEventStream handle comes back once the last batch is queued: `await handle.result()`."""
         stream = await AsyncEventStream(self.events.StreamEvents, max_inflight, self._policy(True, retry),
-                                        self._deadline(timeout_s)).start()
+                                        self._deadline(timeout_s), self.session).start()
         try:
             async for batch in async_event_batches(events, batch_size):
                 await stream.send(batch)

@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from streamrec.clients.channel import MetadataInterceptor, auth_metadata, make_channel
+from streamrec.clients.session import Session
 from streamrec.clients.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, _backoff_or_raise, _remaining, call_with_retry
 from streamrec.v1 import (
     catalog_pb2,
@@ -94,8 +95,11 @@ class StreamResult:
     durable_seq: int
     ack_lags_s: list[float] = field(default_factory=list)  # per batch: first send -> its ack
     retries: int = 0  # streams reopened after UNAVAILABLE (unacked batches were resent)
+    session: Session | None = field(default=None, repr=False)  # told each ack's durable_seq
 
     def add(self, ack: events_pb2.EventAck, lag_s: float) -> None:
+        if self.session is not None:
+            self.session.saw(ack.durable_seq)
         self.batches += 1
         self.accepted += ack.accepted
         self.duplicates += ack.duplicates
@@ -120,7 +124,8 @@ class EventStream:
     new stream is opened and the unacked batches are resent (same event_ids: the server counts them as
     duplicates if they had been applied). `result()` waits for every ack; `cancel()` ends the call."""
 
-    def __init__(self, method, max_inflight: int, policy: RetryPolicy, deadline: float | None):
+    def __init__(self, method, max_inflight: int, policy: RetryPolicy, deadline: float | None,
+                 session: Session | None = None):
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self._method, self._max_inflight, self._policy, self._deadline = method, max_inflight, policy, deadline
@@ -132,7 +137,7 @@ class EventStream:
         self._cancelled = False
         self._error: BaseException | None = None
         self._finished = threading.Event()
-        self._result = StreamResult(0, 0, 0, [], 0)
+        self._result = StreamResult(0, 0, 0, [], 0, session=session)
         self.sent = 0
 
     def _open(self) -> None:
@@ -252,11 +257,12 @@ class StreamrecClient:
                  root_certificates: bytes | str | os.PathLike | None = None,
                  certificate_chain: bytes | str | os.PathLike | None = None,
                  private_key: bytes | str | os.PathLike | None = None, server_name: str | None = None,
-                 options: Sequence[tuple[str, object]] = ()):
+                 options: Sequence[tuple[str, object]] = (), consistency: str = "session"):
         self.address = address
         self.timeout_s = timeout_s
         self.retry_policy = retry_policy
         self.retry_non_idempotent = retry_non_idempotent
+        self.session = Session(consistency)  # reads carry the highest seq seen (session.py); "eventual": off
         self._raw_channel = channel or make_channel(
             address, tls=tls, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, server_name=server_name, options=options)
@@ -289,8 +295,9 @@ class StreamrecClient:
         return None if timeout is None else time.monotonic() + timeout
 
     def _unary(self, method, request, timeout_s: float | None, idempotent: bool, retry: bool | None = None):
-        return call_with_retry(lambda remaining: method(request, timeout=remaining),
-                               self._policy(idempotent, retry), self._deadline(timeout_s))
+        request = self.session.stamp(request)
+        return self.session.observe(call_with_retry(lambda remaining: method(request, timeout=remaining),
+                                                    self._policy(idempotent, retry), self._deadline(timeout_s)))
 
     # --- health ----------------------------------------------------------------------------------
     def health(self, service: str = "", timeout_s: float | None = None, retry: bool | None = None) -> str:
@@ -344,7 +351,8 @@ class StreamrecClient:
     def recommend_stream(self, requests: Iterable[recommend_pb2.RecommendRequest], timeout_s: float | None = None) -> Iterator[recommend_pb2.RecommendResponse]:
         """One response per request (matched by request_id; order may differ). Not retried: the requests
         come from your iterator and are consumed as they are sent."""
-        return self.recommender.RecommendStream(iter(requests), timeout=self._timeout(timeout_s))
+        responses = self.recommender.RecommendStream(map(self.session.stamp, requests), timeout=self._timeout(timeout_s))
+        return map(self.session.observe, responses)
 
     def similar_items(self, item_id: str, k: int | None = None, timeout_s: float | None = None,
                       retry: bool | None = None) -> recommend_pb2.SimilarItemsResponse:
@@ -367,7 +375,8 @@ class StreamrecClient:
         this returns the StreamResult once every batch is acked; with False it returns as soon as the
         last batch is handed to gRPC, with the EventStream handle: `handle.result()` waits for the acks.
         `timeout_s` is the deadline of the whole stream, retries included."""
-        stream = EventStream(self.events.StreamEvents, max_inflight, self._policy(True, retry), self._deadline(timeout_s)).start()
+        stream = EventStream(self.events.StreamEvents, max_inflight, self._policy(True, retry), self._deadline(timeout_s),
+                             self.session).start()
         try:
             for batch in event_batches(events, batch_size):
                 stream.send(batch)

@@ -72,6 +72,12 @@ class DeleteResult:
     durable_seq: int = 0
 
 
+@dataclass
+class ForgetResult:
+    events_erased: int = 0
+    durable_seq: int = 0  # the erasure's marker in the log: a read with this min_seq no longer sees the user
+
+
 # --- reads ---
 @dataclass
 class RecommendQuery:
@@ -153,3 +159,7 @@ class EngineStats:
     events_duplicate: int
     recommendations: int
     data_dir: str
+    role: str = "primary"  # "primary" (the writer) or "replica"
+    replicas: int = 0  # on the primary: replicas registered for wake-ups
+    replica_reloads: int = 0  # on a replica: reloads from a checkpoint after an erasure
+    pid: int = 0  # the process that answered

@@ -57,6 +57,8 @@ class EngineConfig:
     max_batch: int = 256
     max_wait_us: int = 500  # only waited when recent batches show concurrency
     recommend_queue_size: int = 8192  # waiting requests before RESOURCE_EXHAUSTED
+    # Read-your-writes: how long a read carrying min_seq waits for this process to apply it before UNAVAILABLE.
+    min_seq_wait_s: float = 1.0
     # Second stage (rerank/reranker.py): an ONNX model reorders the retrieved candidates. None: retrieval only.
     reranker_path: str | None = None
     rerank_by_default: bool = True  # requests that do not say (rerank.enabled unset) are reranked

@@ -10,6 +10,7 @@ Start:            load the last checkpoint and replay the log after its watermar
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from streamrec.engine.api import (
     DeleteResult,
     EngineStats,
     Event,
+    ForgetResult,
     IngestResult,
     ItemSpec,
     ItemView,
@@ -34,14 +36,17 @@ from streamrec.engine.api import (
 )
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import warmup as warm_update_kernel
-from streamrec.engine.errors import InvalidArgument, NotFound
+from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from streamrec.engine.observer import EngineObserver
 from streamrec.engine.rerank.features import ItemArrays, build_features, capture_user, state_clock_ms
 from streamrec.engine.rerank.reranker import Reranker, RerankerRejected
+from streamrec.engine.replica.follower import LogFollower, current_reranker
+from streamrec.engine.replica.wakeup import WakeupSender, folder_of
 from streamrec.engine.retrieval.batcher import MicroBatcher
 from streamrec.engine.retrieval.retriever import Retriever
 from streamrec.engine.retrieval.topk import get_backend
 from streamrec.engine.state.state import State
+from streamrec.engine.store import codec
 from streamrec.engine.store.store import Store
 from streamrec.engine.validation import check_deletes, check_id, check_query, check_upserts, split_events
 from streamrec.engine.write.checkpointer import Checkpointer
@@ -55,11 +60,16 @@ _DIM_KEY = "dim"
 
 
 class Engine:
-    def __init__(self, data_dir: str | Path, config: EngineConfig | None = None, observer: EngineObserver | None = None):
+    """replica=False (the primary): the one writer of `data_dir`. replica=True: a read replica of a store another
+    process writes; it applies that process's log as it grows (replica/follower.py) and refuses writes."""
+
+    def __init__(self, data_dir: str | Path, config: EngineConfig | None = None, observer: EngineObserver | None = None,
+                 *, replica: bool = False):
         config = config or EngineConfig()
         self.data_dir = Path(data_dir)
         self.observer = observer or EngineObserver()
-        self.store = Store(self.data_dir, sync=config.sync)
+        self.role = "replica" if replica else "primary"
+        self.store = Store(self.data_dir, sync=config.sync, readonly=replica)
         self.config = config = self._config_for_store(config)
         self.limits = config.limits
         self.state = State(config)
@@ -74,6 +84,23 @@ class Engine:
         self.retriever = Retriever(self.state, self.lock, self.backend, self.reranker)
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
+        self.checkpointer: Checkpointer | None = None
+        self.writer: GroupCommitWriter | None = None
+        self.follower: LogFollower | None = None
+        self.wakeups: WakeupSender | None = None
+        if replica:
+            self.follower = LogFollower(self.store, self.state, self.lock, self.reranker, config,
+                                        lambda: self._model_version)
+            self.recovered_records = self.follower.load()
+            self.follower.start()
+        else:
+            self._start_writing(config)
+        self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
+            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size,
+            on_batch=self.observer.recommend_batch)
+
+    def _start_writing(self, config: EngineConfig) -> None:
+        """The primary: recover, then the writer thread; replicas are woken after each commit."""
         self.checkpointer = Checkpointer(self.store, self.state, self.lock, config, self.observer)
         self.recovered_records = recover(self.store, self.state)
         self.checkpointer.count(self.recovered_records)
@@ -81,16 +108,31 @@ class Engine:
             self.checkpointer.now()
         if config.reranker_path:
             try:
-                self.load_reranker(config.reranker_path)
+                self.reranker.load(config.reranker_path)
             except RerankerRejected as error:
                 log.error("reranker: not loaded (%s); serving retrieval only", error.message)
-        self.group_commit = GroupCommit(self.store, self.state, self.lock, self.checkpointer, self.observer)
+        self.wakeups = WakeupSender(folder_of(self.data_dir))
+        self.group_commit = GroupCommit(self.store, self.state, self.lock, self.checkpointer, self.observer,
+                                        self.wakeups.send)
         self.writer = GroupCommitWriter(self.group_commit.commit, self.group_commit.run_exclusive,
                                         self.checkpointer.tick, config.commit_queue_size, config.max_group_ops)
         self.writer.start()
-        self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
-            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size,
-            on_batch=self.observer.recommend_batch)
+        if not self.is_empty:  # an empty store is seeded first (seed() records it then)
+            self._record_reranker()  # replicas serve the model this process serves, whatever the store last said
+
+    def _record_reranker(self) -> int:
+        """Log the serving reranker when the store says another one serves; returns the seq (0: nothing logged)."""
+        model = self.reranker.model
+        serving = codec.RerankerSwap(str(model.path), model.version) if model else codec.RerankerSwap("", "")
+        recorded = current_reranker(self.store)
+        if recorded == serving or (recorded is None and model is None):
+            return 0
+        return self._write(OpKind.RERANKER, (serving.path, serving.version)).result(30)
+
+    def _write(self, kind: OpKind, payload, **options) -> Future:
+        if self.writer is None:
+            raise FailedPrecondition("", "this process is a read replica: writes go to the primary")
+        return self.writer.submit(kind, payload, **options)
 
     def _config_for_store(self, config: EngineConfig) -> EngineConfig:
         """The store's dimension wins over the configured one: its vectors have it."""
@@ -98,7 +140,8 @@ class Engine:
         if stored is not None and int(stored) != config.dim:
             log.warning("data dir holds dimension %s; using it instead of the configured %d", stored.decode(), config.dim)
             config = EngineConfig(**{**config.__dict__, "dim": int(stored)})
-        self.store.put_meta(_DIM_KEY, str(config.dim).encode())
+        if not self.store.readonly:
+            self.store.put_meta(_DIM_KEY, str(config.dim).encode())
         return config
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -126,8 +169,12 @@ class Engine:
     def close(self, checkpoint: bool = True) -> None:
         """Drain queued writes and stop. checkpoint=False leaves the log unreplayed, as after a crash."""
         self.batcher.close()
-        self.writer.close(final_checkpoint=checkpoint)
-        self.checkpointer.close()
+        if self.follower is not None:
+            self.follower.close()
+        if self.writer is not None:
+            self.writer.close(final_checkpoint=checkpoint)
+            self.checkpointer.close()
+            self.wakeups.close()
         self.store.close()
 
     def __enter__(self) -> "Engine":
@@ -141,8 +188,9 @@ class Engine:
         """Load a trained model and its training log into an empty engine in one checkpointed step."""
         if not self.is_empty:
             raise InvalidArgument("", "seed needs an empty data dir")
-        done = self.writer.submit(OpKind.SEED, (items, events, user_ids, user_vectors, model_version), timeout_s=60)
+        done = self._write(OpKind.SEED, (items, events, user_ids, user_vectors, model_version), timeout_s=60)
         self._model_version = done.result()
+        self._record_reranker()
 
     # --- writes ---------------------------------------------------------------------------------
     def ingest(self, events: list[Event], timeout_s: float = 30.0) -> IngestResult:
@@ -158,7 +206,7 @@ class Engine:
             done: Future = Future()
             done.set_result(finish(IngestResult(durable_seq=self.state.applied_seq)))
             return done
-        return self.writer.submit(OpKind.EVENTS, good, finish=finish)
+        return self._write(OpKind.EVENTS, good, finish=finish)
 
     def _count_ingest(self, rejected: list[Rejection], outcome: IngestResult) -> IngestResult:
         """The caller's result: validation's rejections merged with the commit's, counted (on the writer thread)."""
@@ -170,35 +218,42 @@ class Engine:
         return outcome
 
     def upsert_items(self, specs: list[ItemSpec], timeout_s: float = 30.0) -> UpsertResult:
-        return self.writer.submit(OpKind.UPSERT, check_upserts(specs, self.dim, self.limits)).result(timeout_s)
+        return self._write(OpKind.UPSERT, check_upserts(specs, self.dim, self.limits)).result(timeout_s)
 
     def delete_items(self, item_ids: list[str], timeout_s: float = 30.0) -> DeleteResult:
-        return self.writer.submit(OpKind.DELETE, check_deletes(item_ids, self.limits)).result(timeout_s)
+        return self._write(OpKind.DELETE, check_deletes(item_ids, self.limits)).result(timeout_s)
 
-    def forget_user(self, user_id: str, timeout_s: float = 60.0) -> int:
-        """Erase a user everywhere (log records, index, state); returns the events erased."""
+    def forget_user(self, user_id: str, timeout_s: float = 60.0) -> ForgetResult:
+        """Erase a user everywhere (log records, index, state; replicas reload without them)."""
         check_id("user_id", user_id, self.limits)
         if self.state.users.row_of(user_id) is None:
             raise NotFound("user_id", f"unknown user '{user_id}'")
-        return self.writer.submit(OpKind.FORGET, user_id).result(timeout_s)
+        return self._write(OpKind.FORGET, user_id).result(timeout_s)
 
     def checkpoint(self, timeout_s: float = 120.0) -> int:
         """Force a checkpoint now; returns its watermark."""
-        return self.writer.submit(OpKind.CHECKPOINT, None).result(timeout_s)
+        return self._write(OpKind.CHECKPOINT, None).result(timeout_s)
 
     # --- reranking model ----------------------------------------------------------------------------
     def load_reranker(self, path: str | Path | None = None) -> dict:
         """Validate the ONNX model at `path` (None: the one serving now, re-read) and swap it in without a
-        restart. A bad file raises RerankerRejected (INVALID_ARGUMENT) and the old model keeps serving."""
+        restart. A bad file raises RerankerRejected (INVALID_ARGUMENT) and the old model keeps serving.
+        The swap is logged, so replicas swap too; the info's durable_seq is its seq."""
+        self._write_check()
         with self.lock:
             items = ItemArrays.of(self.state.items)
             now_ms = state_clock_ms(self.state.items)
         self.reranker.reload(path, items, now_ms, self.model_version)
-        return self.reranker_info()
+        return {**self.reranker_info(), "durable_seq": self._record_reranker() or self.state.applied_seq}
 
     def unload_reranker(self) -> dict:
+        self._write_check()
         self.reranker.unload()
-        return self.reranker_info()
+        return {**self.reranker_info(), "durable_seq": self._record_reranker() or self.state.applied_seq}
+
+    def _write_check(self) -> None:
+        if self.writer is None:
+            raise FailedPrecondition("", "this process is a read replica: writes go to the primary")
 
     def reranker_info(self) -> dict:
         return self.reranker.info()
@@ -215,6 +270,21 @@ class Engine:
         return build_features([user], [rows], [np.asarray(scores, np.float32)], arrays, now_ms)
 
     # --- reads ------------------------------------------------------------------------------------
+    def wait_applied(self, min_seq: int, timeout_s: float | None = None) -> None:
+        """Read-your-writes: return once this process's state has applied `min_seq` (a durable_seq from an ack),
+        waiting at most `timeout_s` (default: config.min_seq_wait_s). Past it: Unavailable, retryable (another
+        process may have caught up). A seq beyond the log's end is no token of this store: OutOfRange."""
+        if min_seq <= self.state.applied_seq:
+            return
+        last = self.store.last_seq()
+        if min_seq > last:
+            raise OutOfRange("min_seq", f"{min_seq} is beyond this store's log (last seq {last}): "
+                                        "a token from another server or data dir?")
+        timeout_s = self.config.min_seq_wait_s if timeout_s is None else timeout_s
+        if not self.state.wait_applied(min_seq, timeout_s):
+            raise Unavailable("min_seq", f"this {self.role} has applied up to seq {self.state.applied_seq}, "
+                                         f"behind min_seq {min_seq} after waiting {timeout_s * 1e3:.0f} ms; retry")
+
     def build_query(self, user_id: str, k: int | None, **options) -> RecommendQuery:
         """A validated query (options: those of validation.check_query); every problem names the request field."""
         return check_query(self.limits, self.config.default_k, user_id, k, **options)
@@ -267,9 +337,12 @@ class Engine:
                 served_by=self.served_by(), dim=self.dim, items=live, deleted_items=len(items) - live,
                 users=len(self.state.users), log_events=self.store.stats().get("log", 0),
                 last_seq=self.store.last_seq(), checkpoint_seq=self.store.checkpoint_seq(),
-                uptime_s=time.time() - self.started_at, last_checkpoint_wall=self.checkpointer.last_wall,
-                write_queue=self.writer.pending, recovered_records=self.recovered_records,
+                uptime_s=time.time() - self.started_at,
+                last_checkpoint_wall=self.checkpointer.last_wall if self.checkpointer else 0.0,
+                write_queue=self.writer.pending if self.writer else 0, recovered_records=self.recovered_records,
                 recommend_batch_sizes=self.batcher.histogram.snapshot(),
                 recommend_batches=self.batcher.histogram.batches, reranker=self.reranker_info(),
-                data_dir=str(self.data_dir), **self.counters,
+                data_dir=str(self.data_dir), role=self.role,
+                replicas=self.wakeups.replicas if self.wakeups else 0,
+                replica_reloads=self.follower.reloads if self.follower else 0, pid=os.getpid(), **self.counters,
             )

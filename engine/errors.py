@@ -25,5 +25,13 @@ class Unavailable(EngineError):
     pass
 
 
+class OutOfRange(EngineError):
+    pass
+
+
+class FailedPrecondition(EngineError):
+    pass
+
+
 class DeadlineExceeded(Exception):
     """The caller's deadline passed while its request waited; the work was skipped."""

@@ -24,6 +24,7 @@ from streamrec.engine import Engine, EngineObserver
 from streamrec.engine.config import STORE_FOLDER, EngineConfig
 from streamrec.server.auth import AuthInterceptor, TokenTable
 from streamrec.server.decode import RequestDecodeInterceptor
+from streamrec.server.forward import PrimaryForwarder
 from streamrec.server.metrics import Metrics, MetricsInterceptor
 from streamrec.server.servicers import (
     CatalogServicer,
@@ -76,11 +77,21 @@ class ServerConfig:
     tokens_file: Path | None = None
     tokens_refresh_s: float = 1.0
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Topology (supervisor.py starts these): the primary writes; a replica serves reads from the primary's log
+    # and forwards writes to `primary_target`. `process_port`: a second port of this process alone, besides the
+    # shared one, for clients that balance calls across processes themselves and for the supervisor's checks.
+    role: str = "primary"
+    primary_target: str | None = None
+    process_port: int | None = None
 
 
-def open_engine(data_dir: Path, config: EngineConfig, dataset: str, observer: EngineObserver) -> Engine:
-    """The Engine of <data_dir>/lmdb; on the first start (no store yet) seeded with `dataset` first."""
+def open_engine(data_dir: Path, config: EngineConfig, dataset: str, observer: EngineObserver,
+                replica: bool = False) -> Engine:
+    """The Engine of <data_dir>/lmdb; on the first start (no store yet) seeded with `dataset` first. A replica
+    opens the store its primary has already created."""
     store_dir = Path(data_dir) / STORE_FOLDER
+    if replica:
+        return Engine(store_dir, config, observer, replica=True)
     if dataset == "none" or Engine.holds_store(store_dir):
         return Engine(store_dir, config, observer)
     # First start only: training a model to seed with is offline work, so its code is loaded just then.
@@ -101,7 +112,14 @@ def _is_loopback(host: str) -> bool:
 class StreamrecServer:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.holder = EngineHolder()
+        if config.role not in ("primary", "replica"):
+            raise ValueError(f"role must be primary or replica, not {config.role!r}")
+        if config.role == "replica" and not config.primary_target:
+            raise ValueError("a replica needs the primary's address (primary_target) to forward writes to")
+        self.tls = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        forwarder = (PrimaryForwarder(config.primary_target, self.tls, config.max_message_bytes)
+                     if config.role == "replica" else None)
+        self.holder = EngineHolder(forwarder)
         self.health = health.HealthServicer()
         self.engine: Engine | None = None
         options = [
@@ -110,8 +128,7 @@ class StreamrecServer:
         ]
         self.metrics = Metrics()
         self.metrics_port: int | None = None
-        # Read now, so a bad file stops the server before it binds anything.
-        self.tls = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        # TLS files were read above, so a bad file stops the server before it binds anything.
         self._credentials = server_credentials(self.tls) if self.tls else None
         self.tokens = TokenTable(config.tokens_file, config.tokens_refresh_s) if config.tokens_file else None
         # The first interceptor runs outermost: metrics wraps auth, so rejected calls are counted by code;
@@ -129,6 +146,7 @@ class StreamrecServer:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
+        self.process_port: int | None = None
         self._stopped = threading.Event()
 
     def _set_health(self, status) -> None:
@@ -140,14 +158,13 @@ class StreamrecServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> int:
-        """Open the port (answering NOT_SERVING), then load/recover the data, then SERVING."""
-        target = f"{self.config.host}:{self.config.port}"
-        if self._credentials is not None:
-            self.port = self.grpc_server.add_secure_port(target, self._credentials)
-        else:
-            self.port = self.grpc_server.add_insecure_port(target)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        """Open the port (answering NOT_SERVING), then load/recover the data, then SERVING. A replica loads first:
+        on the shared port, a connection the kernel gave to a replica still loading would fail its calls."""
+        if self.config.role == "replica":
+            self._open_engine()
+        self.port = self._bind(self.config.port)
+        if self.config.process_port is not None:
+            self.process_port = self._bind(self.config.process_port)
         self._warn_if_exposed()
         self.grpc_server.start()
         log.info("listening on %s%s%s (NOT_SERVING while loading %s)", self.address,
@@ -156,14 +173,30 @@ class StreamrecServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
-        self.engine = open_engine(self.config.data_dir, self.config.engine, self.config.dataset, observer=self.metrics)
+        if self.engine is None:
+            self._open_engine()
         self.metrics.track_engine(self.engine)
         self.holder.set(self.engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         stats = self.engine.stats()
-        log.info("serving on %s: %d items, %d users, %d logged events, model %s, backend %s", self.address,
-                 stats.items, stats.users, stats.log_events, stats.served_by.model_version, stats.served_by.backend)
+        log.info("%s serving on %s: %d items, %d users, %d logged events, model %s, backend %s", self.config.role,
+                 self.address, stats.items, stats.users, stats.log_events, stats.served_by.model_version,
+                 stats.served_by.backend)
         return self.port
+
+    def _open_engine(self) -> None:
+        self.engine = open_engine(self.config.data_dir, self.config.engine, self.config.dataset, observer=self.metrics,
+                                  replica=self.config.role == "replica")
+
+    def _bind(self, port: int) -> int:
+        target = f"{self.config.host}:{port}"
+        if self._credentials is not None:
+            bound = self.grpc_server.add_secure_port(target, self._credentials)
+        else:
+            bound = self.grpc_server.add_insecure_port(target)
+        if bound == 0:
+            raise RuntimeError(f"could not bind {target}")
+        return bound
 
     def _warn_if_exposed(self) -> None:
         if _is_loopback(self.config.host):
@@ -190,6 +223,8 @@ class StreamrecServer:
         self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
         if self.engine is not None:
             self.engine.close()
+        if self.holder.primary is not None:
+            self.holder.primary.close()
         self.metrics.close()
         self.holder.set(None)
         self._stopped.set()

@@ -122,7 +122,8 @@ def stats_message(stats: EngineStats, limits: Limits) -> catalog_pb2.StatsRespon
         events_accepted=stats.events_accepted, events_rejected=stats.events_rejected,
         events_duplicate=stats.events_duplicate, recommendations=stats.recommendations, data_dir=stats.data_dir,
         recommend_batch_sizes=stats.recommend_batch_sizes, recommend_batches=stats.recommend_batches,
-        write_queue=stats.write_queue, reranker=reranker_info(stats.reranker),
+        write_queue=stats.write_queue, reranker=reranker_info(stats.reranker), role=stats.role,
+        replicas=stats.replicas, replica_reloads=stats.replica_reloads, pid=stats.pid,
     )
     set_served_by(response.served_by, stats.served_by)
     return response

@@ -13,6 +13,8 @@ from streamrec.engine.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    FailedPrecondition,
+    OutOfRange,
     Unavailable,
 )
 
@@ -23,6 +25,8 @@ _CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -31,6 +35,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         # The nearest mapped class, so subclasses (e.g. reranker.RerankerRejected) keep their base's code.
         code = next((_CODES[cls] for cls in type(error).__mro__ if cls in _CODES), grpc.StatusCode.INTERNAL)
         return code, str(error)
+    if isinstance(error, grpc.RpcError) and isinstance(error, grpc.Call):  # a forwarded call's own status
+        return error.code(), error.details() or ""
     if isinstance(error, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request could be served"
     if isinstance(error, concurrent.futures.TimeoutError):

@@ -14,6 +14,7 @@ from streamrec.engine.api import IngestResult, Rejection
 from streamrec.engine.errors import EngineError, InvalidArgument, Unavailable
 from streamrec.server import convert
 from streamrec.server.errors import status_of, streaming, unary
+from streamrec.server.forward import PrimaryForwarder
 from streamrec.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -30,10 +31,12 @@ MAX_INFLIGHT_BATCHES = 64
 
 
 class EngineHolder:
-    """The engine once it has loaded and recovered; until then every call gets UNAVAILABLE."""
+    """The engine once it has loaded and recovered; until then every call gets UNAVAILABLE. On a replica,
+    `primary` forwards the write RPCs (forward.py); on the primary it is None."""
 
-    def __init__(self) -> None:
+    def __init__(self, primary: PrimaryForwarder | None = None) -> None:
         self._engine: Engine | None = None
+        self.primary = primary
 
     def set(self, engine: Engine | None) -> None:
         self._engine = engine
@@ -127,11 +130,16 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 
     @unary
     def PublishEvents(self, request, context):
+        if primary := self.holder.primary:
+            return primary.unary(primary.events.PublishEvents, request, context)
         engine = self.holder.get()
         return convert.ack_from(request.batch_id, engine.ingest(convert.events_from(request)))
 
     @streaming
     def StreamEvents(self, request_iterator, context):
+        if primary := self.holder.primary:
+            yield from primary.stream(primary.events.StreamEvents, request_iterator, context)
+            return
         engine = self.holder.get()
 
         def submit(batch) -> Future:
@@ -158,6 +166,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def Recommend(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
+        engine.wait_applied(request.min_seq)
         result = engine.recommend([engine.build_query(**convert.query_fields(request))], _deadline(context))[0]
         return convert.recommend_response(engine.served_by(), result, _micros_since(started))
 
@@ -167,6 +176,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         engine = self.holder.get()
         if len(request.requests) > engine.limits.max_requests_per_batch:
             raise InvalidArgument("requests", f"at most {engine.limits.max_requests_per_batch} per batch, got {len(request.requests)}")
+        engine.wait_applied(max([request.min_seq, *(item.min_seq for item in request.requests)]))
         queries = []
         for index, item in enumerate(request.requests):
             try:
@@ -183,6 +193,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         engine = self.holder.get()
 
         def submit(request) -> Future:
+            engine.wait_applied(request.min_seq)  # on the reader thread: later requests of the stream wait too
             return engine.recommend_async(engine.build_query(**convert.query_fields(request)))
 
         with closing(_read_ahead(request_iterator, submit, "recommend-stream-reader")) as entries:
@@ -199,6 +210,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def SimilarItems(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
+        engine.wait_applied(request.min_seq)
         result = engine.similar_items(request.item_id, request.k if request.HasField("k") else None,
                                       request.include_categories, request.exclude_categories, request.request_id)
         return convert.similar_items_response(engine.served_by(), result, request.item_id, _micros_since(started))
@@ -210,34 +222,48 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
     @unary
     def UpsertItems(self, request, context):
+        if primary := self.holder.primary:
+            return primary.unary(primary.catalog.UpsertItems, request, context)
         result = self.holder.get().upsert_items([convert.item_spec_from(i) for i in request.items])
         return catalog_pb2.UpsertItemsResponse(created=result.created, updated=result.updated, durable_seq=result.durable_seq)
 
     @unary
     def DeleteItems(self, request, context):
+        if primary := self.holder.primary:
+            return primary.unary(primary.catalog.DeleteItems, request, context)
         result = self.holder.get().delete_items(list(request.item_ids))
         return catalog_pb2.DeleteItemsResponse(deleted=result.deleted, not_found=result.not_found, durable_seq=result.durable_seq)
 
     @unary
     def GetItem(self, request, context):
-        return convert.item_message(self.holder.get().get_item(request.item_id), request.include_embedding)
+        engine = self.holder.get()
+        engine.wait_applied(request.min_seq)
+        return convert.item_message(engine.get_item(request.item_id), request.include_embedding)
 
     @unary
     def GetUser(self, request, context):
-        view = self.holder.get().get_user(request.user_id, request.history_limit or 20)
-        return convert.user_message(view, request.include_embedding)
+        engine = self.holder.get()
+        engine.wait_applied(request.min_seq)
+        return convert.user_message(engine.get_user(request.user_id, request.history_limit or 20),
+                                    request.include_embedding)
 
     @unary
     def ForgetUser(self, request, context):
-        return catalog_pb2.ForgetUserResponse(events_erased=self.holder.get().forget_user(request.user_id))
+        if primary := self.holder.primary:
+            return primary.unary(primary.catalog.ForgetUser, request, context)
+        result = self.holder.get().forget_user(request.user_id)
+        return catalog_pb2.ForgetUserResponse(events_erased=result.events_erased, durable_seq=result.durable_seq)
 
     @unary
     def Stats(self, request, context):
         engine = self.holder.get()
+        engine.wait_applied(request.min_seq)
         return convert.stats_message(engine.stats(), engine.limits)
 
     @unary
     def LoadReranker(self, request, context):
+        if primary := self.holder.primary:
+            return primary.unary(primary.catalog.LoadReranker, request, context)
         engine = self.holder.get()
         return convert.reranker_info(engine.unload_reranker() if request.unload else engine.load_reranker(request.path or None))
 

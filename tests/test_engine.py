@@ -9,6 +9,7 @@ from streamrec.engine.config import EngineConfig
 from streamrec.engine.engine import Engine
 from streamrec.engine.offline.datasets import synthetic
 from streamrec.engine.offline.seeding import open_engine, seed_engine
+from state_snapshot import state_snapshot
 
 CONFIG = EngineConfig(dim=16, checkpoint_interval_s=3600, checkpoint_every_records=10**9)
 
@@ -30,15 +31,7 @@ def traffic(seed: int, n: int) -> list[Event]:
 
 
 def snapshot(engine: Engine) -> dict:
-    users, items = engine.state.users, engine.state.items
-    return {
-        "users": {uid: (users.vectors[row].tobytes(), users.last_event_ms[row], sorted(users.seen[row]),
-                        list(users.history[row]), users.event_counts[row], users.positive_counts[row])
-                  for uid, row in users.rows.items()},
-        "items": (items.vectors[: len(items)].tobytes(), items.live[: len(items)].tobytes(),
-                  items.log2_popularity[: len(items)].tobytes(), items.interactions[: len(items)].tobytes()),
-        "ids": list(items.ids),
-    }
+    return state_snapshot(engine.state)
 
 
 def test_replay_rebuilds_bit_identical_state(tmp_path):
@@ -77,7 +70,7 @@ def test_restart_keeps_acked_events_and_answers_the_same(tmp_path):
 def test_forget_user_survives_restart(tmp_path):
     engine = small_engine(tmp_path)
     engine.ingest([Event("f1", "forget-me", "i1", EventType.PURCHASE, 0, 1_710_000_000_000)])
-    assert engine.forget_user("forget-me") == 1
+    assert engine.forget_user("forget-me").events_erased == 1
     engine.close(checkpoint=False)
     reopened = Engine(tmp_path, CONFIG)
     assert reopened.state.users.row_of("forget-me") is None

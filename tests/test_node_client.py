@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 
 from streamrec.clients.client import StreamrecClient
@@ -14,6 +15,35 @@ from streamrec.engine.offline.datasets import synthetic_truth
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
 CATEGORY = "c4"
+
+# Publishes one event, then reads with a session client and an 'eventual' one, recording the min_seq each
+# Recommend hands to gRPC. Both clients are then told a seq far past the log's end: only the session client
+# sends it, so only its read fails (OUT_OF_RANGE), which proves the stamp reaches the server.
+SESSION_SCRIPT = """
+import { connect, makeEvent } from './client.js';
+const [address, user, item] = process.argv.slice(1);
+async function read(client, sent) {
+  const recommend = client.recommender.Recommend.bind(client.recommender);
+  client.recommender.Recommend = (request, ...rest) => { sent.push(request.min_seq); return recommend(request, ...rest); };
+  const response = await client.recommend(user, 5);
+  client.sawSeq(BigInt(client.sessionSeq) + 1000000n);
+  const ahead = await client.recommend(user, 5).then(() => 'OK', (error) => error.code);
+  return { appliedSeq: response.served_by.applied_seq, ahead };
+}
+const session = connect(address, { deadlineMs: 5000 });
+const eventual = connect(address, { deadlineMs: 5000, consistency: 'eventual' });
+try {
+  const ack = await session.sendEvents([makeEvent(user, item, 'purchase')]);
+  const ackSeq = String(session.sessionSeq);
+  const sent = [], eventualSent = [];
+  const out = { durableSeq: ack.durableSeq, ackSeq, ...(await read(session, sent)), sent };
+  out.eventual = { ...(await read(eventual, eventualSent)), sent: eventualSent };
+  console.log(JSON.stringify(out));
+} finally {
+  session.close();
+  eventual.close();
+}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +82,20 @@ def test_node_client_sends_events_and_gets_personalized_recommendations(node_cli
 
     with StreamrecClient(server.address, timeout_s=20.0) as client:
         assert client.get_user(user).event_count == len(items)
+
+
+def test_node_client_session_stamps_min_seq_on_reads(node_client_dir, server):
+    result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", SESSION_SCRIPT, server.address,
+                             f"node-{uuid.uuid4().hex[:8]}", "i3"], cwd=node_client_dir, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, f"session script failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
+    out = json.loads(result.stdout)
+
+    durable = int(out["durableSeq"])
+    assert durable > 0 and int(out["ackSeq"]) == durable, out  # the stream ack fed the session
+    min_seq = int(out["sent"][0])
+    assert min_seq >= durable, out
+    assert int(out["appliedSeq"]) >= min_seq, out
+    assert int(out["sent"][1]) > int(out["appliedSeq"]) and out["ahead"] == grpc.StatusCode.OUT_OF_RANGE.value[0], out
+
+    assert out["eventual"]["sent"] == ["0", "0"] and out["eventual"]["ahead"] == "OK", out

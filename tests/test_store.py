@@ -20,6 +20,7 @@ from streamrec.engine.api import Event, EventType, ItemSpec
 from streamrec.engine.store import codec
 from streamrec.engine.store import journal as index_journal
 from streamrec.engine.store import store as store_mod
+from streamrec.engine.store import layout
 from streamrec.engine.store.codec import DeleteItem
 from streamrec.engine.store.store import HISTORY_DTYPE, ItemRecord, LogEntry, Store, UserRecord
 
@@ -517,7 +518,7 @@ def _single_environment_store(path: Path, fmt: bytes) -> None:
     env = lmdb.open(str(path), max_dbs=16)
     with env.begin(write=True) as txn:
         db = {name: env.open_db(name.encode(), txn=txn, **flags) for name, flags in
-              {**store_mod._LOG_DBS, **store_mod._STATE_DBS}.items()}
+              {**layout._LOG_DBS, **layout._STATE_DBS}.items()}
         seq = store_mod._SEQ.pack
         txn.put(seq(1), ev_entry("a", uid="alice").payload, db=db["log"])
         txn.put(b"a", seq(1), db=db["idem"])

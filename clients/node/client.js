@@ -42,8 +42,14 @@ export class StreamrecClient {
    * @param {boolean|object} [options.tls]  placeholder: true or {rootCerts, privateKey, certChain} (Buffers)
    *                                   uses TLS channel credentials; default plaintext
    * @param {number} [options.deadlineMs]  per-call deadline, default 10000
+   * @param {'session'|'eventual'} [options.consistency]  'session' (default): reads carry the highest log seq
+   *                                   this client has seen as min_seq, so any replica answers with state at
+   *                                   least that new (read-your-writes); 'eventual': reads never wait
    */
-  constructor(address, { token, tls, deadlineMs = 10_000 } = {}) {
+  constructor(address, { token, tls, deadlineMs = 10_000, consistency = 'session' } = {}) {
+    if (consistency !== 'session' && consistency !== 'eventual') {
+      throw new TypeError(`consistency must be 'session' or 'eventual', not ${JSON.stringify(consistency)}`);
+    }
     const v1 = loadProto();
     const credentials = tls
       ? grpc.credentials.createSsl(tls.rootCerts ?? null, tls.privateKey ?? null, tls.certChain ?? null)
@@ -51,6 +57,10 @@ export class StreamrecClient {
     this.address = address;
     this.deadlineMs = deadlineMs;
     this.token = token;
+    this.consistency = consistency;
+    // The highest log seq seen in any ack or answer (BigInt: uint64 overflows a Number). Kept under
+    // 'eventual' too, so a caller can still read it and pass it on.
+    this.sessionSeq = 0n;
     this.events = new v1.EventService(address, credentials);
     // The other stubs share the first one's channel.
     const shared = { channelOverride: this.events.getChannel() };
@@ -71,8 +81,34 @@ export class StreamrecClient {
   _unary(stub, method, request, deadlineMs) {
     return new Promise((resolve, reject) => {
       stub[method](request, this._metadata(), this._options(deadlineMs), (error, response) =>
-        (error ? reject(error) : resolve(response)));
+        (error ? reject(error) : resolve(this._observe(response))));
     });
+  }
+
+  /**
+   * Take a log seq seen elsewhere (BigInt, decimal string or number), e.g. the durableSeq of a write made by
+   * another client or request handler, so this client's next reads see that write. Returns sessionSeq.
+   */
+  sawSeq(seq) {
+    const value = BigInt(seq || 0);
+    if (value > this.sessionSeq) this.sessionSeq = value;
+    return this.sessionSeq;
+  }
+
+  /** A read's min_seq: the caller's when set (non-zero), else the session's ('0', no wait, under 'eventual'). */
+  _minSeq(minSeq) {
+    if (minSeq && BigInt(minSeq) > 0n) return String(minSeq);
+    // A string: protobufjs takes decimal strings for uint64 fields, not BigInts.
+    return this.consistency === 'session' ? String(this.sessionSeq) : '0';
+  }
+
+  /** Note the seq an answer reports: a write's durable_seq, a read's served_by.applied_seq (each of a batch's). */
+  _observe(response) {
+    if (response?.durable_seq !== undefined) this.sawSeq(response.durable_seq);
+    for (const answer of [response, ...(response?.responses ?? [])]) {
+      if (answer?.served_by) this.sawSeq(answer.served_by.applied_seq);
+    }
+    return response;
   }
 
   /** Resolves once the channel is connected (or rejects after timeoutMs). */
@@ -102,6 +138,7 @@ export class StreamrecClient {
         totals.duplicates += ack.duplicates;
         for (const r of ack.rejections) totals.rejections.push({ batch_id: ack.batch_id, ...r });
         if (BigInt(ack.durable_seq) > BigInt(totals.durableSeq)) totals.durableSeq = ack.durable_seq;
+        this.sawSeq(ack.durable_seq);
       });
       call.on('error', reject);
       call.on('end', () => {
@@ -123,25 +160,27 @@ export class StreamrecClient {
   /**
    * Recommend `k` items for a user. filters: {excludeSeen, excludeItemIds, includeCategories,
    * excludeCategories, requestId}. Unset k / excludeSeen use the server defaults (10 / true).
+   * minSeq (every read takes it) overrides the session's seq for this call.
    */
   recommend(userId, k, { excludeSeen, excludeItemIds = [], includeCategories = [], excludeCategories = [],
-    requestId = '', deadlineMs } = {}) {
+    requestId = '', minSeq, deadlineMs } = {}) {
     const request = {
       request_id: requestId, user_id: userId, exclude_item_ids: excludeItemIds,
-      include_categories: includeCategories, exclude_categories: excludeCategories,
+      include_categories: includeCategories, exclude_categories: excludeCategories, min_seq: this._minSeq(minSeq),
     };
     if (k !== undefined && k !== null) request.k = k;
     if (excludeSeen !== undefined && excludeSeen !== null) request.exclude_seen = excludeSeen;
     return this._unary(this.recommender, 'Recommend', request, deadlineMs);
   }
 
-  getUser(userId, { historyLimit = 0, includeEmbedding = false, deadlineMs } = {}) {
-    return this._unary(this.catalog, 'GetUser',
-      { user_id: userId, history_limit: historyLimit, include_embedding: includeEmbedding }, deadlineMs);
+  getUser(userId, { historyLimit = 0, includeEmbedding = false, minSeq, deadlineMs } = {}) {
+    return this._unary(this.catalog, 'GetUser', {
+      user_id: userId, history_limit: historyLimit, include_embedding: includeEmbedding, min_seq: this._minSeq(minSeq),
+    }, deadlineMs);
   }
 
-  stats({ deadlineMs } = {}) {
-    return this._unary(this.catalog, 'Stats', {}, deadlineMs);
+  stats({ minSeq, deadlineMs } = {}) {
+    return this._unary(this.catalog, 'Stats', { min_seq: this._minSeq(minSeq) }, deadlineMs);
   }
 
   close() {
@@ -149,7 +188,7 @@ export class StreamrecClient {
   }
 }
 
-/** connect('127.0.0.1:50051', {token, tls, deadlineMs}) -> StreamrecClient */
+/** connect('127.0.0.1:50051', {token, tls, deadlineMs, consistency}) -> StreamrecClient */
 export function connect(address, options = {}) {
   return new StreamrecClient(address, options);
 }

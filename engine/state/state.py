@@ -3,6 +3,7 @@ Live ingestion and crash recovery call the same functions, so a replay rebuilds 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 
@@ -56,8 +57,36 @@ class State:
         # G = Y^T Y over live items, exact fixed point (see state/online.py); `gram` is its float64 value.
         self.gram_fixed = np.zeros((config.dim, config.dim))
         self.gram = np.zeros((config.dim, config.dim))
-        self.applied_seq = 0
+        self._seq_changed = threading.Condition()
+        self._applied_seq = 0
         self.embedding_version = 0
+
+    # --- the applied seq, and waiting for it (read-your-writes) ---------------------------------
+    @property
+    def applied_seq(self) -> int:
+        """The last log record this state reflects."""
+        return self._applied_seq
+
+    @applied_seq.setter
+    def applied_seq(self, seq: int) -> None:
+        with self._seq_changed:
+            self._applied_seq = seq
+            self._seq_changed.notify_all()
+
+    def wait_applied(self, seq: int, timeout_s: float) -> bool:
+        """True once the state has applied `seq` (at once when it has); False after timeout_s without."""
+        if self._applied_seq >= seq:
+            return True
+        with self._seq_changed:
+            return self._seq_changed.wait_for(lambda: self._applied_seq >= seq, timeout_s)
+
+    def adopt(self, other: "State") -> None:
+        """Become `other`, a state rebuilt from a checkpoint (a replica's reload), so that everything holding this
+        State sees the rebuilt one. The caller holds the engine lock; waiters on the applied seq stay attached."""
+        seq_changed = self._seq_changed
+        self.__dict__.update(other.__dict__)
+        self._seq_changed = seq_changed
+        self.applied_seq = other.applied_seq
 
     # --- log records ------------------------------------------------------------------------
     def apply_events(self, events: list[Event]) -> None:

@@ -12,6 +12,10 @@ Layouts (after the common ``kind:u8 version:u8`` prefix):
 - UPSERT_ITEM (2): flags:u8 (bit 0 = vector present), item_id:str, categories:str-list,
                    attributes:str-map, then if flagged: dim:u32 + dim float32.
 - DELETE_ITEM (3): item_id:str
+- USER_FORGOTTEN (4): nothing: a user's records were erased before this seq (who is not said: the log keeps no
+                   trace of a forgotten user). Replicas reload from the checkpoint written after it.
+- RERANKER (5):    path:str version:str; path "" = unloaded (retrieval only). The serving second stage from
+                   this seq on, so replicas swap the same model at the same point of the log.
 
 str-list = count:u32 + count strings; str-map = count:u32 + count (key, value) string pairs, in
 the dict's iteration order (so round trips keep it).
@@ -30,10 +34,15 @@ __all__ = [
     "VERSION",
     "RecordKind",
     "DeleteItem",
+    "UserForgotten",
+    "RerankerSwap",
+    "LogRecord",
     "encode_event",
     "encode_events",
     "encode_upsert",
     "encode_delete",
+    "encode_user_forgotten",
+    "encode_reranker",
     "decode",
     "decode_kind",
     "encode_str",
@@ -53,6 +62,8 @@ class RecordKind(IntEnum):
     EVENT = 1
     UPSERT_ITEM = 2
     DELETE_ITEM = 3
+    USER_FORGOTTEN = 4
+    RERANKER = 5
 
 
 VERSION = 1  # bump per kind when its layout changes; decode rejects versions it does not know
@@ -66,6 +77,8 @@ _EVENT_KIND = int(RecordKind.EVENT)
 
 _UPSERT_PREFIX = bytes([RecordKind.UPSERT_ITEM, VERSION])
 _DELETE_PREFIX = bytes([RecordKind.DELETE_ITEM, VERSION])
+_FORGOTTEN_PAYLOAD = bytes([RecordKind.USER_FORGOTTEN, VERSION])
+_RERANKER_PREFIX = bytes([RecordKind.RERANKER, VERSION])
 
 _FLAG_VECTOR = 1
 
@@ -73,6 +86,20 @@ _FLAG_VECTOR = 1
 @dataclass(slots=True)
 class DeleteItem:
     item_id: str
+
+
+@dataclass(slots=True)
+class UserForgotten:
+    """Marks an erasure: the records it removed lie before this one."""
+
+
+@dataclass(slots=True)
+class RerankerSwap:
+    path: str  # "" = unloaded
+    version: str
+
+
+LogRecord = Event | ItemSpec | DeleteItem | UserForgotten | RerankerSwap
 
 
 # --- strings and containers -------------------------------------------------------------------
@@ -208,6 +235,14 @@ def encode_delete(item_id: str) -> bytes:
     return _DELETE_PREFIX + encode_str(item_id)
 
 
+def encode_user_forgotten() -> bytes:
+    return _FORGOTTEN_PAYLOAD
+
+
+def encode_reranker(path: str, version: str) -> bytes:
+    return _RERANKER_PREFIX + encode_str(path) + encode_str(version)
+
+
 def decode_kind(payload: bytes | memoryview) -> RecordKind:
     """Kind of a payload without decoding it (e.g. to skip records cheaply)."""
     if not payload:
@@ -218,7 +253,7 @@ def decode_kind(payload: bytes | memoryview) -> RecordKind:
         raise ValueError(f"unknown record kind {payload[0]}") from None
 
 
-def decode(payload: bytes | memoryview) -> Event | ItemSpec | DeleteItem:
+def decode(payload: bytes | memoryview) -> LogRecord:
     """Decode one payload. Raises ValueError for unknown kinds/versions and malformed data."""
     if not isinstance(payload, bytes):
         payload = bytes(payload)
@@ -236,6 +271,14 @@ def decode(payload: bytes | memoryview) -> Event | ItemSpec | DeleteItem:
             item_id, end = decode_str(payload, 2)
             _check_end(payload, end)
             return DeleteItem(item_id)
+        if kind == RecordKind.USER_FORGOTTEN:
+            _check_end(payload, 2)
+            return UserForgotten()
+        if kind == RecordKind.RERANKER:
+            path, off = decode_str(payload, 2)
+            version, end = decode_str(payload, off)
+            _check_end(payload, end)
+            return RerankerSwap(path, version)
     except struct.error as exc:
         raise ValueError(f"malformed record of kind {kind}: {exc}") from exc
     raise ValueError(f"unknown record kind {kind}")

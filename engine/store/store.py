@@ -20,13 +20,13 @@ put_meta, and is the only one that adds keys to the journal's memory. write_chec
 while the writer appends, given ``index=freeze_index()`` taken on the writer thread; the engine runs at most
 one checkpoint at a time and no erasure during one. Reads (load_*, iter_log) happen at start-up.
 Concurrent readers are still safe: each read is its own LMDB read transaction and no record is cached.
-Never share a Store across fork(), and open the folder from one process at a time (another process's map
-growth is not adopted).
+Never share a Store across fork(). One process writes a folder; replica processes may open it with
+``readonly=True`` at the same time (they adopt the writer's map growth, see lmdb_env.py).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +37,18 @@ from streamrec.engine.gil import yielding
 from streamrec.engine.store import codec, journal
 from streamrec.engine.store.journal import Generation, PendingIndex
 from streamrec.engine.store.layout import (
-    _LOG_DBS,
     _MAX_KEY,
     _META_CHECKPOINT,
-    _META_FORMAT,
     _META_LAST_SEQ,
     _ROW,
     _SEQ,
-    _STATE_DBS,
     _STATE_DIR,
-    _STORE_FORMAT,
-    _UPGRADABLE_FORMATS,
     RESERVED_META,
     _key,
     _keys,
     _put_all,
 )
+from streamrec.engine.store.databases import open_for_writing, open_read_only
 from streamrec.engine.store.lmdb_env import LmdbEnv
 from streamrec.engine.store.records import (
     _ITEM_HDR,
@@ -64,7 +60,6 @@ from streamrec.engine.store.records import (
     _unpack_item,
     _unpack_user,
 )
-from streamrec.engine.store.upgrade import upgrade_single_environment
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +113,17 @@ class Store:
         """True when `path` holds a store (its log environment's data file)."""
         return (path / "data.mdb").exists()
 
-    def __init__(self, path: str | Path, *, sync: bool = True, initial_map_size: int = 64 << 20) -> None:
+    def __init__(self, path: str | Path, *, sync: bool = True, initial_map_size: int = 64 << 20,
+                 readonly: bool = False) -> None:
+        """readonly: a replica's view of the store another process writes (reads only; no journal in memory)."""
         self.path = Path(path)
+        self.readonly = readonly
         self._closed = False
-        self._log_env = LmdbEnv(self.path, sync=sync, initial_map_size=initial_map_size, min_key_size=_MAX_KEY)
+        self._log_env = LmdbEnv(self.path, sync=sync, initial_map_size=initial_map_size, min_key_size=_MAX_KEY,
+                                readonly=readonly)
         try:
             self._state_env = LmdbEnv(self.path / _STATE_DIR, sync=sync, initial_map_size=initial_map_size,
-                                      min_key_size=_MAX_KEY)
+                                      min_key_size=_MAX_KEY, readonly=readonly)
         except BaseException:
             self._log_env.close()
             raise
@@ -136,29 +135,22 @@ class Store:
             raise
         self._pending = PendingIndex()
         self._trim_journal_through: bytes | None = None  # merged journal records, deleted by the next log write
+        # Any process may free the slots of a dead one; a replica that restarts after a kill -9 does it too.
+        freed = self._log_env.reader_check() + self._state_env.reader_check()
+        if freed:
+            logger.warning("freed %d LMDB reader slot(s) left by processes that died", freed)
+        if readonly:
+            return
         with self._log_env.read() as txn:  # keys committed before a crash or close, not merged yet
             for key, value in txn.cursor(db=self._journal).iternext():
                 self._pending.add_journal_record(key, value, _SEQ.pack)
 
     def _open_dbs(self) -> None:
-        log_env, state_env = self._log_env.env, self._state_env.env
-        fmt = self._log_env.write(
-            lambda txn: txn.get(_META_FORMAT.encode(), db=log_env.open_db(b"meta", txn=txn)))
-        if fmt in _UPGRADABLE_FORMATS:
-            upgrade_single_environment(self._log_env, self._state_env, self.path / _STATE_DIR)
-        elif fmt is not None and fmt != _STORE_FORMAT:
-            raise ValueError(f"store format {fmt!r} is not supported (expected {_STORE_FORMAT!r})")
+        opened = (open_read_only(self._log_env, self._state_env) if self.readonly
+                  else open_for_writing(self._log_env, self._state_env, self.path))
+        self._assign_dbs(*opened)
 
-        def open_all(env: lmdb.Environment, specs: dict[str, dict[str, bool]]) -> Callable:
-            def fn(txn: lmdb.Transaction) -> dict[str, object]:
-                dbs = {name: env.open_db(name.encode(), txn=txn, **flags) for name, flags in specs.items()}
-                txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
-                return dbs
-            return fn
-
-        # The state's format first: a log environment marked format 3 always has its state environment.
-        state_dbs = self._state_env.write(open_all(state_env, _STATE_DBS))
-        log_dbs = self._log_env.write(open_all(log_env, _LOG_DBS))
+    def _assign_dbs(self, log_dbs: dict, state_dbs: dict) -> None:
         self._log, self._journal, self._log_meta = log_dbs["log"], log_dbs["index_journal"], log_dbs["meta"]
         self._idem, self._user_log = state_dbs["idem"], state_dbs["user_log"]
         self._items, self._item_vectors, self._item_rows = state_dbs["items"], state_dbs["item_vectors"], state_dbs["item_rows"]
@@ -428,20 +420,33 @@ class Store:
 
     def load_items(self) -> list[ItemRecord]:
         """Every item record (deleted ones included), sorted by row."""
-        out: list[ItemRecord] = []
         with self._state_env.read() as txn:
-            for _, raw in txn.cursor(db=self._items).iternext():
-                rec = _unpack_item(raw, None)
-                vec = txn.get(_ROW.pack(rec.row), db=self._item_vectors)
-                if vec is not None:
-                    rec.vector = codec.vector_from_bytes(vec)
-                out.append(rec)
-        out.sort(key=lambda r: r.row)
-        return out
+            return self._items_in(txn)
 
     def load_users(self) -> list[UserRecord]:
         with self._state_env.read() as txn:
-            return [_unpack_user(raw) for _, raw in txn.cursor(db=self._users).iternext()]
+            return self._users_in(txn)
+
+    def load_checkpoint(self) -> tuple[int, list[ItemRecord], list[UserRecord]]:
+        """(watermark, items, users) of one checkpoint, read in one transaction: a replica reads while the
+        writer may be writing the next checkpoint."""
+        with self._state_env.read() as txn:
+            raw = txn.get(_META_CHECKPOINT.encode(), db=self._meta)
+            return (_SEQ.unpack(raw)[0] if raw is not None else 0), self._items_in(txn), self._users_in(txn)
+
+    def _items_in(self, txn: lmdb.Transaction) -> list[ItemRecord]:
+        out: list[ItemRecord] = []
+        for _, raw in txn.cursor(db=self._items).iternext():
+            rec = _unpack_item(raw, None)
+            vec = txn.get(_ROW.pack(rec.row), db=self._item_vectors)
+            if vec is not None:
+                rec.vector = codec.vector_from_bytes(vec)
+            out.append(rec)
+        out.sort(key=lambda r: r.row)
+        return out
+
+    def _users_in(self, txn: lmdb.Transaction) -> list[UserRecord]:
+        return [_unpack_user(raw) for _, raw in txn.cursor(db=self._users).iternext()]
 
     # --- erasure ---
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
 
 import numpy as np
 
-from streamrec.engine.api import DeleteResult, Event, IngestResult, ItemSpec, Rejection, UpsertResult
+from streamrec.engine.api import DeleteResult, Event, ForgetResult, IngestResult, ItemSpec, Rejection, UpsertResult
 from streamrec.engine.observer import EngineObserver
 from streamrec.engine.state.state import State
 from streamrec.engine.store import codec
@@ -24,6 +25,7 @@ from streamrec.engine.write.checkpointer import Checkpointer
 from streamrec.engine.write.writer import Op, OpKind
 
 MODEL_VERSION_KEY = "model_version"  # store meta: the version of the model the engine was seeded with
+RERANKER_KEY = "reranker"  # store meta: the serving reranker, as codec.encode_reranker gives it
 
 _EVENT_ID, _USER_ID, _ITEM_ID = attrgetter("event_id"), attrgetter("user_id"), attrgetter("item_id")
 
@@ -124,9 +126,10 @@ class GroupCommit:
     """The writer thread's side of every write (GroupCommitWriter calls `commit` and `run_exclusive`)."""
 
     def __init__(self, store: Store, state: State, lock: threading.RLock, checkpointer: Checkpointer,
-                 observer: EngineObserver):
+                 observer: EngineObserver, on_durable: Callable[[], None] = lambda: None):
         self.store, self.state, self.lock = store, state, lock
         self.checkpointer, self.observer = checkpointer, observer
+        self.on_durable = on_durable  # after each write reaches the log: wakes the replicas
 
     def commit(self, group: list[Op]) -> None:
         """Validate against current state, write one transaction, apply in log order, complete futures."""
@@ -138,6 +141,7 @@ class GroupCommit:
         # Seqs only grow, so the group's last one is the log's; reading it back costs a transaction per group.
         durable = next((seq for seq in reversed(seqs) if seq is not None), None) or self.store.last_seq()
         self.observer.commit(time.perf_counter() - started, len(plan.payloads))
+        self.on_durable()
         with self.lock:
             self._apply(plan, seqs)
             self.state.applied_seq = durable
@@ -176,15 +180,30 @@ class GroupCommit:
             return self.checkpointer.now()
         if op.kind is OpKind.FORGET:
             erased = self.store.forget_user(op.payload)
+            # The marker (it names no one) tells replicas to reload from the checkpoint below.
+            marker = self._append_alone(codec.encode_user_forgotten())
             with self.lock:
                 self.state.users.forget(op.payload)
+                self.state.applied_seq = marker
             # Popularity already counted the erased events; checkpoint now so a replay after a crash
             # starts from the same aggregates instead of recounting without them.
             self.checkpointer.now()
-            return erased
+            return ForgetResult(erased, marker)
+        if op.kind is OpKind.RERANKER:
+            path, version = op.payload
+            seq = self._append_alone(codec.encode_reranker(path, version))
+            self.store.put_meta(RERANKER_KEY, codec.encode_reranker(path, version))
+            self.state.applied_seq = seq  # the model already serves here; replicas swap at this seq
+            return seq
         if op.kind is OpKind.SEED:
             return self._seed(*op.payload)
         raise AssertionError(f"unexpected op {op.kind}")
+
+    def _append_alone(self, payload: bytes) -> int:
+        seq = self.store.append_log([LogEntry(payload)])[0]
+        self.checkpointer.count(1)
+        self.on_durable()
+        return seq
 
     def _seed(self, items: list[ItemSpec], events: list[Event], user_ids, user_vectors, model_version: str) -> str:
         """A trained model and its training log, written and applied as one checkpointed step."""

@@ -26,11 +26,12 @@ class OpKind(str, Enum):
     FORGET = "forget"  # payload: user_id
     CHECKPOINT = "checkpoint"  # payload: None
     SEED = "seed"  # payload: (items, events, user_ids, user_vectors, model_version)
+    RERANKER = "reranker"  # payload: (path, version) of the model now serving; path "" = unloaded
 
     @property
     def exclusive(self) -> bool:
         """Runs alone, outside a group transaction: erasure and seeding write the checkpointed state themselves."""
-        return self in (OpKind.FORGET, OpKind.CHECKPOINT, OpKind.SEED)
+        return self in (OpKind.FORGET, OpKind.CHECKPOINT, OpKind.SEED, OpKind.RERANKER)
 
 
 @dataclass

@@ -67,22 +67,26 @@ class DeleteItemsResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., durable_seq: _Optional[int] = ...) -> None: ...
 
 class GetItemRequest(_message.Message):
-    __slots__ = ("item_id", "include_embedding")
+    __slots__ = ("item_id", "include_embedding", "min_seq")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     include_embedding: bool
-    def __init__(self, item_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ...) -> None: ...
+    min_seq: int
+    def __init__(self, item_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., min_seq: _Optional[int] = ...) -> None: ...
 
 class GetUserRequest(_message.Message):
-    __slots__ = ("user_id", "include_embedding", "history_limit")
+    __slots__ = ("user_id", "include_embedding", "history_limit", "min_seq")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HISTORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     include_embedding: bool
     history_limit: int
-    def __init__(self, user_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., history_limit: _Optional[int] = ...) -> None: ...
+    min_seq: int
+    def __init__(self, user_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., history_limit: _Optional[int] = ..., min_seq: _Optional[int] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("item_id", "type", "value", "timestamp_ms")
@@ -119,14 +123,18 @@ class ForgetUserRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ...) -> None: ...
 
 class ForgetUserResponse(_message.Message):
-    __slots__ = ("events_erased",)
+    __slots__ = ("events_erased", "durable_seq")
     EVENTS_ERASED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
     events_erased: int
-    def __init__(self, events_erased: _Optional[int] = ...) -> None: ...
+    durable_seq: int
+    def __init__(self, events_erased: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("min_seq",)
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    min_seq: int
+    def __init__(self, min_seq: _Optional[int] = ...) -> None: ...
 
 class LoadRerankerRequest(_message.Message):
     __slots__ = ("path", "unload")
@@ -137,7 +145,7 @@ class LoadRerankerRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., unload: _Optional[bool] = ...) -> None: ...
 
 class RerankerInfo(_message.Message):
-    __slots__ = ("loaded", "path", "version", "provider", "features", "feature_spec", "default_candidates", "by_default", "loaded_at_ms", "swaps", "refused", "last_error", "reranked_requests", "failed_batches")
+    __slots__ = ("loaded", "path", "version", "provider", "features", "feature_spec", "default_candidates", "by_default", "loaded_at_ms", "swaps", "refused", "last_error", "reranked_requests", "failed_batches", "durable_seq")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +160,7 @@ class RerankerInfo(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     RERANKED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     path: str
     version: str
@@ -166,7 +175,8 @@ class RerankerInfo(_message.Message):
     last_error: str
     reranked_requests: int
     failed_batches: int
-    def __init__(self, loaded: _Optional[bool] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., features: _Optional[int] = ..., feature_spec: _Optional[str] = ..., default_candidates: _Optional[int] = ..., by_default: _Optional[bool] = ..., loaded_at_ms: _Optional[int] = ..., swaps: _Optional[int] = ..., refused: _Optional[int] = ..., last_error: _Optional[str] = ..., reranked_requests: _Optional[int] = ..., failed_batches: _Optional[int] = ...) -> None: ...
+    durable_seq: int
+    def __init__(self, loaded: _Optional[bool] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., features: _Optional[int] = ..., feature_spec: _Optional[str] = ..., default_candidates: _Optional[int] = ..., by_default: _Optional[bool] = ..., loaded_at_ms: _Optional[int] = ..., swaps: _Optional[int] = ..., refused: _Optional[int] = ..., last_error: _Optional[str] = ..., reranked_requests: _Optional[int] = ..., failed_batches: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_k", "max_events_per_batch", "max_requests_per_batch", "max_filter_ids", "max_id_bytes", "max_items_per_upsert")
@@ -185,7 +195,7 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker")
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker", "role", "replicas", "replica_reloads", "pid")
     class RecommendBatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +222,10 @@ class StatsResponse(_message.Message):
     RECOMMEND_BATCHES_FIELD_NUMBER: _ClassVar[int]
     WRITE_QUEUE_FIELD_NUMBER: _ClassVar[int]
     RERANKER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_RELOADS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     dim: int
     items: int
     deleted_items: int
@@ -231,4 +245,8 @@ class StatsResponse(_message.Message):
     recommend_batches: int
     write_queue: int
     reranker: RerankerInfo
-    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ...) -> None: ...
+    role: str
+    replicas: int
+    replica_reloads: int
+    pid: int
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
