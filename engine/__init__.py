@@ -6,6 +6,7 @@
 in `config.py`, its errors in `errors.py`. Behind it, one folder per stage of the path of data:
 
     write/      the writer thread: group commit (plan -> log append -> apply), checkpoints, recovery
+    replica/    read replicas: another process's log applied to this one's state (Engine(..., replica=True))
     store/      LMDB: the log, the checkpointed state, their records and format upgrades
     state/      the in-memory model (catalog, users) and the online rule that events apply
     retrieval/  the path of a request: micro-batching, filters, the top-k backend interface
@@ -28,9 +29,9 @@ _EXPORTS = {
     "SHIPPED_RERANKER": "rerank.reranker",  # the reranking model that ships with the package (ML-100K, d=64)
     "sidecar_path": "rerank.reranker",  # where a reranking model's metadata file lives
     **{name: "errors" for name in ("EngineError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
-                                   "DeadlineExceeded")},
+                                   "OutOfRange", "FailedPrecondition", "DeadlineExceeded")},
     **{name: "api" for name in ("Event", "EventType", "ItemSpec", "Rejection", "IngestResult", "UpsertResult",
-                                "DeleteResult", "RecommendQuery", "Recommendation", "ItemView", "UserView",
+                                "DeleteResult", "ForgetResult", "RecommendQuery", "Recommendation", "ItemView", "UserView",
                                 "ServedBy", "EngineStats")},
 }
 

@@ -40,7 +40,7 @@ from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFoun
 from streamrec.engine.observer import EngineObserver
 from streamrec.engine.rerank.features import ItemArrays, build_features, capture_user, state_clock_ms
 from streamrec.engine.rerank.reranker import Reranker, RerankerRejected
-from streamrec.engine.replica.follower import LogFollower, current_reranker
+from streamrec.engine.replica.follower import LogFollower
 from streamrec.engine.replica.wakeup import WakeupSender, folder_of
 from streamrec.engine.retrieval.batcher import MicroBatcher
 from streamrec.engine.retrieval.retriever import Retriever
@@ -50,7 +50,7 @@ from streamrec.engine.store import codec
 from streamrec.engine.store.store import Store
 from streamrec.engine.validation import check_deletes, check_id, check_query, check_upserts, split_events
 from streamrec.engine.write.checkpointer import Checkpointer
-from streamrec.engine.write.group_commit import MODEL_VERSION_KEY, GroupCommit
+from streamrec.engine.write.group_commit import MODEL_VERSION_KEY, GroupCommit, current_reranker
 from streamrec.engine.write.recovery import recover
 from streamrec.engine.write.writer import GroupCommitWriter, OpKind
 
@@ -123,15 +123,14 @@ class Engine:
     def _record_reranker(self) -> int:
         """Log the serving reranker when the store says another one serves; returns the seq (0: nothing logged)."""
         model = self.reranker.model
-        serving = codec.RerankerSwap(str(model.path), model.version) if model else codec.RerankerSwap("", "")
+        serving = codec.RerankerSwap(str(Path(model.path).resolve()), model.version) if model else codec.RerankerSwap("", "")
         recorded = current_reranker(self.store)
         if recorded == serving or (recorded is None and model is None):
             return 0
         return self._write(OpKind.RERANKER, (serving.path, serving.version)).result(30)
 
     def _write(self, kind: OpKind, payload, **options) -> Future:
-        if self.writer is None:
-            raise FailedPrecondition("", "this process is a read replica: writes go to the primary")
+        self._write_check()
         return self.writer.submit(kind, payload, **options)
 
     def _config_for_store(self, config: EngineConfig) -> EngineConfig:

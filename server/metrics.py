@@ -33,6 +33,10 @@ class Metrics(EngineObserver):
         self.items = Gauge("streamrec_items", "Live items", registry=r)
         self.users = Gauge("streamrec_users", "Known users", registry=r)
         self.write_queue = Gauge("streamrec_write_queue", "Writes waiting for the group-commit writer", registry=r)
+        # With replicas: a replica's lag is log_last_seq - applied_seq (records the primary wrote, not yet applied here).
+        self.applied_seq = Gauge("streamrec_applied_seq", "Last log record applied by this process", registry=r)
+        self.log_last_seq = Gauge("streamrec_log_last_seq", "Last record in the log", registry=r)
+        self.replicas = Gauge("streamrec_replicas", "Replicas registered with this primary", registry=r)
         self._http = None
 
     # --- EngineObserver ----------------------------------------------------------------------
@@ -57,6 +61,9 @@ class Metrics(EngineObserver):
         self.items.set_function(lambda: engine.stats().items)
         self.users.set_function(lambda: engine.stats().users)
         self.write_queue.set_function(lambda: engine.stats().write_queue)
+        self.applied_seq.set_function(lambda: engine.served_by().applied_seq)
+        self.log_last_seq.set_function(lambda: engine.stats().last_seq)
+        self.replicas.set_function(lambda: engine.stats().replicas)
 
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -86,6 +86,18 @@ def test_every_process_reports_its_role(topology):
     assert stats[0].replicas == 2
 
 
+def test_round_robin_over_the_process_ports_spreads_calls_over_every_process(topology):
+    """One channel on the shared port keeps one connection, so one process; a channel balancing over the
+    process ports (grpc's round_robin policy) sends successive calls to every process."""
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in topology.process_ports)
+    with StreamrecClient(target, options=[("grpc.lb_policy_name", "round_robin")]) as client:
+        client.wait_until_serving(30)
+        pids = {client.stats().pid for _ in range(30)}
+    assert pids == {topology.pid(c) for c in topology.clients}
+    with StreamrecClient(f"127.0.0.1:{topology.port}") as shared:
+        assert len({shared.stats().pid for _ in range(30)}) == 1
+
+
 def test_writes_through_a_replica_reach_the_primary(topology):
     replica = topology.replicas[0]
     upserted = replica.upsert_items([catalog_pb2.Item(item_id="via-replica", categories=["c1"])])

@@ -31,22 +31,13 @@ from streamrec.engine.replica.wakeup import WakeupReceiver, folder_of
 from streamrec.engine.state.state import State
 from streamrec.engine.store import codec
 from streamrec.engine.store.store import Store
-from streamrec.engine.write.group_commit import RERANKER_KEY
+from streamrec.engine.write.group_commit import current_reranker
 from streamrec.engine.write.recovery import apply_log, recover
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 4096  # records applied per hold of the engine lock: reads wait at most one chunk's apply
 _RELOAD_POLL_S = 0.01
-
-
-def current_reranker(store: Store) -> codec.RerankerSwap | None:
-    """The primary's serving reranker as its store records it (None: it never recorded one)."""
-    raw = store.get_meta(RERANKER_KEY)
-    if raw is None:
-        return None
-    record = codec.decode(raw)
-    return record if isinstance(record, codec.RerankerSwap) else None
 
 
 class LogFollower:

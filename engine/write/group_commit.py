@@ -39,6 +39,13 @@ class _Step:
     start: int  # index of the first record in the transaction
 
 
+def current_reranker(store: Store) -> codec.RerankerSwap | None:
+    """The serving reranker as the primary last recorded it (None: it never recorded one)."""
+    raw = store.get_meta(RERANKER_KEY)
+    record = codec.decode(raw) if raw is not None else None
+    return record if isinstance(record, codec.RerankerSwap) else None
+
+
 class GroupPlan:
     """What one group commit writes, as the columns Store.append_records takes (no object per event), and the
     steps that apply it afterwards in log order. Item liveness is checked against the state as changed by the
