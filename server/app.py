@@ -167,7 +167,8 @@ class StreamrecServer:
             self.process_port = self._bind(self.config.process_port)
         self._warn_if_exposed()
         self.grpc_server.start()
-        log.info("listening on %s%s%s (NOT_SERVING while loading %s)", self.address,
+        log.info("listening on %s%s%s" + (" (NOT_SERVING while loading %s)" if self.engine is None else " (%s loaded)"),
+                 self.address,
                  "" if self.tls is None else (" with mutual TLS" if self.tls.mutual else " with TLS"),
                  "" if self.tokens is None else f", tokens from {self.config.tokens_file}", self.config.data_dir)
         if self.config.metrics_port is not None:

@@ -21,17 +21,18 @@ pytestmark = pytest.mark.slow
 
 
 class Topology:
-    def __init__(self, data_dir: Path, replicas: int = 2):
+    def __init__(self, data_dir: Path, replicas: int = 2, extra_args: tuple[str, ...] = (), token: str | None = None):
         self.port = free_port()
         self.process_ports = [free_port() for _ in range(replicas + 1)]
         args = [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "serve", "--data-dir", str(data_dir),
                 "--dataset", "synthetic", "--dim", "16", "--port", str(self.port), "--replicas", str(replicas),
-                "--process-ports", ",".join(map(str, self.process_ports)), "--checkpoint-interval", "2"]
+                "--process-ports", ",".join(map(str, self.process_ports)), "--checkpoint-interval", "2", *extra_args]
         self.log = open(data_dir.parent / "supervisor.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         # Session consistency (the default): a seq from another client's ack is handed over with session.saw(),
         # as a web backend hands the ack's durable_seq from its write handler to its read handler.
-        self.clients = [StreamrecClient(f"127.0.0.1:{port}", timeout_s=20.0) for port in self.process_ports]
+        self.clients = [StreamrecClient(f"127.0.0.1:{port}", timeout_s=20.0, token=token)
+                        for port in self.process_ports]
         for client in self.clients:
             client.wait_until_serving(180)
 
@@ -233,3 +234,22 @@ def test_sigterm_stops_every_process(topology):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_forwarded_writes_keep_the_callers_token(tmp_path):
+    """A replica checks the caller's token itself, and the primary checks it again on the forwarded call."""
+    from streamrec.server.auth import hash_token
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"reader {hash_token('read-token')}\nwriter {hash_token('write-token')}\n")
+    top = Topology(tmp_path / "data", replicas=1, extra_args=("--tokens-file", str(tokens)), token="write-token")
+    try:
+        replica = top.replicas[0]
+        assert replica.publish([make_event("tok-user", "i1", "click")]).accepted == 1
+        with StreamrecClient(replica.address, token="read-token") as reader:
+            reader.recommend("tok-user", k=3)
+            with pytest.raises(grpc.RpcError) as error:
+                reader.publish([make_event("tok-user", "i2", "click")], retry=False)
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        assert top.stop() == 0
