@@ -196,7 +196,8 @@ class Topology:
         self.data_dir = work_dir / f"run-{replicas}r-{uuid.uuid4().hex[:8]}"
         self.log_path = work_dir / f"{self.data_dir.name}.log"
         self.port = free_port()
-        self.process_ports = [free_port() for _ in range(replicas + 1)]
+        # With --replicas 0 the one process serves the shared port only (--process-ports is ignored then).
+        self.process_ports = [free_port() for _ in range(replicas + 1)] if replicas else [self.port]
         self.addresses = [f"127.0.0.1:{port}" for port in self.process_ports]  # the primary's first
         self.proc: subprocess.Popen | None = None
         self.clients: list[StreamrecClient] = []
@@ -217,11 +218,13 @@ class Topology:
     def primary(self) -> StreamrecClient:
         return self.clients[0]
 
-    def start(self, timeout_s: float = 600.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:
         shutil.copytree(self.template, self.data_dir)
         argv = [sys.executable, "-m", "streamrec.cli", "--log-level", "WARNING", "serve", "--data-dir",
                 str(self.data_dir), "--dataset", "none", "--dim", str(DIM), "--port", str(self.port),
-                "--replicas", str(self.replicas), "--process-ports", ",".join(map(str, self.process_ports))]
+                "--replicas", str(self.replicas)]
+        if self.replicas:
+            argv += ["--process-ports", ",".join(map(str, self.process_ports))]
         # One core's worth per process: the thread pools would otherwise size themselves by the whole machine.
         env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         cpus = self.cpus

@@ -200,3 +200,11 @@ def test_wakeups_reach_live_replicas_and_drop_dead_ones(tmp_path):
         receiver.close()
         sender.close()
     assert not list(tmp_path.glob("*.fifo"))
+
+
+def test_control_records_round_trip():
+    assert codec.decode(codec.encode_user_forgotten([3, 9, 2**40])) == codec.UserForgotten([3, 9, 2**40])
+    assert codec.decode(codec.encode_user_forgotten([])) == codec.UserForgotten([])
+    assert codec.decode(codec.encode_reranker("/m/a.onnx", "v1")) == codec.RerankerSwap("/m/a.onnx", "v1")
+    with pytest.raises(ValueError):
+        codec.decode(codec.encode_user_forgotten([1, 2])[:-1])  # truncated

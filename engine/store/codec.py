@@ -12,8 +12,9 @@ Layouts (after the common ``kind:u8 version:u8`` prefix):
 - UPSERT_ITEM (2): flags:u8 (bit 0 = vector present), item_id:str, categories:str-list,
                    attributes:str-map, then if flagged: dim:u32 + dim float32.
 - DELETE_ITEM (3): item_id:str
-- USER_FORGOTTEN (4): nothing: a user's records were erased before this seq (who is not said: the log keeps no
-                   trace of a forgotten user). Replicas reload from the checkpoint written after it.
+- USER_FORGOTTEN (4): count:u32 + count seq:u64: the records a ForgetUser erased (who is not said: the log keeps
+                   no trace of a forgotten user). Replicas reload from the checkpoint written after it; one that
+                   keeps its own copy of the log erases the same seqs from it.
 - RERANKER (5):    path:str version:str; path "" = unloaded (retrieval only). The serving second stage from
                    this seq on, so replicas swap the same model at the same point of the log.
 
@@ -77,7 +78,7 @@ _EVENT_KIND = int(RecordKind.EVENT)
 
 _UPSERT_PREFIX = bytes([RecordKind.UPSERT_ITEM, VERSION])
 _DELETE_PREFIX = bytes([RecordKind.DELETE_ITEM, VERSION])
-_FORGOTTEN_PAYLOAD = bytes([RecordKind.USER_FORGOTTEN, VERSION])
+_FORGOTTEN_PREFIX = bytes([RecordKind.USER_FORGOTTEN, VERSION])
 _RERANKER_PREFIX = bytes([RecordKind.RERANKER, VERSION])
 
 _FLAG_VECTOR = 1
@@ -91,6 +92,8 @@ class DeleteItem:
 @dataclass(slots=True)
 class UserForgotten:
     """Marks an erasure: the records it removed lie before this one."""
+
+    erased_seqs: list[int]
 
 
 @dataclass(slots=True)
@@ -235,8 +238,8 @@ def encode_delete(item_id: str) -> bytes:
     return _DELETE_PREFIX + encode_str(item_id)
 
 
-def encode_user_forgotten() -> bytes:
-    return _FORGOTTEN_PAYLOAD
+def encode_user_forgotten(erased_seqs: list[int]) -> bytes:
+    return _FORGOTTEN_PREFIX + struct.pack(f"<I{len(erased_seqs)}Q", len(erased_seqs), *erased_seqs)
 
 
 def encode_reranker(path: str, version: str) -> bytes:
@@ -272,8 +275,9 @@ def decode(payload: bytes | memoryview) -> LogRecord:
             _check_end(payload, end)
             return DeleteItem(item_id)
         if kind == RecordKind.USER_FORGOTTEN:
-            _check_end(payload, 2)
-            return UserForgotten()
+            (count,) = _U32.unpack_from(payload, 2)
+            _check_end(payload, 6 + 8 * count)
+            return UserForgotten(list(struct.unpack_from(f"<{count}Q", payload, 6)))
         if kind == RecordKind.RERANKER:
             path, off = decode_str(payload, 2)
             version, end = decode_str(payload, off)

@@ -451,10 +451,14 @@ class Store:
     # --- erasure ---
 
     def forget_user(self, user_id: str) -> int:
+        """forget_user_records, counted: the number of log records erased."""
+        return len(self.forget_user_records(user_id))
+
+    def forget_user_records(self, user_id: str) -> list[int]:
         """Erase the user's record, every log record indexed under the user, the idempotency keys of those
         records and the user's user_log entries (writer thread, no checkpoint in flight).
 
-        Returns the number of log records erased. The idempotency keys go too (they are the
+        Returns the seqs of the log records erased. The idempotency keys go too (they are the
         user's data as well), so a later resend of a forgotten event_id is accepted as new.
         Seqs of erased records are never reassigned.
 
@@ -487,10 +491,10 @@ class Store:
                 if txn.get(ik, db=self._idem) == sb:
                     txn.delete(ik, db=self._idem)
 
-        def erase_log(txn: lmdb.Transaction) -> int:
+        def erase_log(txn: lmdb.Transaction) -> list[int]:
             # Pin the high-water mark before erasing what may be the newest records.
             txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(self._last_seq_txn(txn)), db=self._log_meta)
-            return sum(txn.pop(sb, db=self._log) is not None for sb in seqs)
+            return [_SEQ.unpack(sb)[0] for sb in seqs if txn.pop(sb, db=self._log) is not None]
 
         def erase_user(txn: lmdb.Transaction) -> None:
             if seqs:

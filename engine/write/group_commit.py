@@ -186,16 +186,16 @@ class GroupCommit:
         if op.kind is OpKind.CHECKPOINT:
             return self.checkpointer.now()
         if op.kind is OpKind.FORGET:
-            erased = self.store.forget_user(op.payload)
+            erased = self.store.forget_user_records(op.payload)
             # The marker (it names no one) tells replicas to reload from the checkpoint below.
-            marker = self._append_alone(codec.encode_user_forgotten())
+            marker = self._append_alone(codec.encode_user_forgotten(erased))
             with self.lock:
                 self.state.users.forget(op.payload)
                 self.state.applied_seq = marker
             # Popularity already counted the erased events; checkpoint now so a replay after a crash
             # starts from the same aggregates instead of recounting without them.
             self.checkpointer.now()
-            return ForgetResult(erased, marker)
+            return ForgetResult(len(erased), marker)
         if op.kind is OpKind.RERANKER:
             path, version = op.payload
             seq = self._append_alone(codec.encode_reranker(path, version))
