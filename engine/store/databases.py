@@ -2,12 +2,21 @@
 upgrades an older store; or read-only by a replica, which needs them to exist in the current format."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 
-from streamrec.engine.store.layout import _LOG_DBS, _META_FORMAT, _STATE_DBS, _STATE_DIR, _STORE_FORMAT, _UPGRADABLE_FORMATS
+from streamrec.engine.store.layout import (
+    _LOG_DBS,
+    _META_FORMAT,
+    _META_LOG_ID,
+    _STATE_DBS,
+    _STATE_DIR,
+    _STORE_FORMAT,
+    _UPGRADABLE_FORMATS,
+)
 from streamrec.engine.store.lmdb_env import LmdbEnv
 from streamrec.engine.store.upgrade import upgrade_single_environment
 
@@ -26,6 +35,8 @@ def open_for_writing(log_env: LmdbEnv, state_env: LmdbEnv, path: Path) -> tuple[
         def fn(txn: lmdb.Transaction) -> Databases:
             dbs = {name: env.open_db(name.encode(), txn=txn, **flags) for name, flags in specs.items()}
             txn.put(_META_FORMAT.encode(), _STORE_FORMAT, db=dbs["meta"])
+            if specs is _LOG_DBS:  # a new log gets its id; an existing one keeps it
+                txn.put(_META_LOG_ID.encode(), uuid.uuid4().hex.encode(), db=dbs["meta"], overwrite=False)
             return dbs
         return fn
 

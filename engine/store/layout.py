@@ -7,7 +7,7 @@ name           env    key                                     value
 log            log    seq (u64 big-endian, from 1)            codec payload (the write-ahead log)
 index_journal  log    first seq of a group commit (u64 BE)    its records' idem and user_log keys, not yet
                                                               merged into those trees (journal.py)
-meta           log    str                                     store_format, last_seq
+meta           log    str                                     store_format, last_seq, log_id
 idem           state  event_id                                seq (u64 BE) of the record that carried it
 user_log       state  user_id (dupsort, dupfixed)             seq (u64 BE) of each record of that user
 items          state  item_id                                 packed ItemRecord metadata (no vector)
@@ -64,10 +64,13 @@ _META_FORMAT = "store_format"
 _META_LAST_SEQ = "last_seq"
 
 
+_META_LOG_ID = "log_id"  # a random id given to the log when created: a replica never follows two logs as one
+
+
 _META_CHECKPOINT = "checkpoint_seq"
 
 
-RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT})
+RESERVED_META = frozenset({_META_FORMAT, _META_LAST_SEQ, _META_CHECKPOINT, _META_LOG_ID})
 
 
 _LOG_DBS: dict[str, dict[str, bool]] = {"log": {}, "index_journal": {}, "meta": {}}
@@ -87,7 +90,7 @@ _STATE_DBS: dict[str, dict[str, bool]] = {
 _STATE_DIR = "state"
 
 
-_LOG_META = (_META_FORMAT, _META_LAST_SEQ)  # the log environment's meta keys; every other one is the state's
+_LOG_META = (_META_FORMAT, _META_LAST_SEQ, _META_LOG_ID)  # the log environment's meta keys; the rest: the state's
 
 
 def _key(s: str) -> bytes:

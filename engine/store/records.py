@@ -118,3 +118,18 @@ def _unpack_user(raw: bytes) -> UserRecord:
     off += 4 * n_seen
     history = codec.array_from_bytes(raw, HISTORY_DTYPE, n_hist, off)
     return UserRecord(user_id, vector, seen, history, event_count, last_ms, positive_count)
+
+
+# --- records as a snapshot ships them (replication) ----------------------------------------------------------
+
+def pack_item_for_transfer(rec: ItemRecord) -> bytes:
+    """An item record with its vector (the store keeps them apart): u32 length of the record, record, vector."""
+    packed = _pack_item(rec)
+    vector = codec.vector_to_bytes(rec.vector) if rec.vector is not None else b""
+    return struct.pack("<I", len(packed)) + packed + vector
+
+
+def unpack_item_transfer(raw: bytes) -> ItemRecord:
+    (length,) = struct.unpack_from("<I", raw, 0)
+    vector = raw[4 + length:]
+    return _unpack_item(raw[4:4 + length], codec.vector_from_bytes(vector) if vector else None)

@@ -40,6 +40,7 @@ from streamrec.engine.store.layout import (
     _MAX_KEY,
     _META_CHECKPOINT,
     _META_LAST_SEQ,
+    _META_LOG_ID,
     _ROW,
     _SEQ,
     _STATE_DIR,
@@ -508,9 +509,13 @@ class Store:
 
     # --- meta & stats ---
 
+    @property
+    def log_id(self) -> str:
+        return (self.get_meta(_META_LOG_ID) or b"").decode()
+
     def get_meta(self, key: str) -> bytes | None:
-        # last_seq is the log's; every other key (store_format included, the same in both) is read from the state's
-        env, db = (self._log_env, self._log_meta) if key == _META_LAST_SEQ else (self._state_env, self._meta)
+        # last_seq and log_id are the log's; every other key (store_format included) is read from the state's
+        env, db = (self._log_env, self._log_meta) if key in (_META_LAST_SEQ, _META_LOG_ID) else (self._state_env, self._meta)
         with env.read() as txn:
             return txn.get(key.encode("utf-8"), db=db)
 
