@@ -16,7 +16,8 @@ from streamrec.v1 import catalog_pb2_grpc, events_pb2_grpc
 _HOP_HEADERS = ("grpc-", ":")  # set by each hop's transport, not by the caller
 
 
-def _channel(target: str, tls: TlsFiles | None, max_message_bytes: int) -> grpc.Channel:
+def primary_channel(target: str, tls: TlsFiles | None, max_message_bytes: int = 16 << 20) -> grpc.Channel:
+    """A channel to the primary, with this server's TLS settings."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     if tls is None:
@@ -33,22 +34,29 @@ def _channel(target: str, tls: TlsFiles | None, max_message_bytes: int) -> grpc.
 class PrimaryForwarder:
     def __init__(self, target: str, tls: TlsFiles | None = None, max_message_bytes: int = 16 << 20):
         self.target = target
-        self._channel = _channel(target, tls, max_message_bytes)
+        self._channel = primary_channel(target, tls, max_message_bytes)
         self.events = events_pb2_grpc.EventServiceStub(self._channel)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
 
     def unary(self, method, request, context):
         """method: a stub's callable, e.g. self.catalog.UpsertItems. The primary's status is raised as a
         grpc.RpcError, which the servicer's error mapping (errors.py) passes on unchanged."""
-        return method(request, timeout=context.time_remaining(), metadata=_caller_metadata(context))
+        return method(request, timeout=_time_left(context), metadata=_caller_metadata(context))
 
     def stream(self, method, request_iterator, context):
-        call = method(request_iterator, timeout=context.time_remaining(), metadata=_caller_metadata(context))
+        call = method(request_iterator, timeout=_time_left(context), metadata=_caller_metadata(context))
         context.add_callback(call.cancel)  # the caller went away: end the call to the primary too
         yield from call
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _time_left(context) -> float | None:
+    """The caller's remaining deadline; None when it set none (grpcio then reports about 9.2e18 seconds, which
+    as a timeout fails the forwarded call at once)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e9 else None
 
 
 def _caller_metadata(context) -> list[tuple[str, str | bytes]]:

@@ -111,6 +111,14 @@ def test_writes_through_a_replica_reach_the_primary(topology):
     assert user.event_count == 31
 
 
+def test_a_write_without_a_deadline_is_forwarded(topology):
+    from streamrec.v1 import events_pb2, events_pb2_grpc
+
+    stub = events_pb2_grpc.EventServiceStub(topology.replicas[0].channel)
+    ack = stub.PublishEvents(events_pb2.EventBatch(events=[make_event("no-deadline", "i2", "view")]))  # no timeout
+    assert ack.accepted == 1
+
+
 def test_read_your_writes_across_processes(topology):
     """Each event goes through one process and the next read through another, carrying the ack's seq: the
     read reflects the event every time (never a stale answer)."""
