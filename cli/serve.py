@@ -54,6 +54,11 @@ def register(subparsers) -> None:
     serve.add_argument("--process-ports", default=env("PROCESS_PORTS", ""),
                        help="with --replicas: a port of each process alone, primary first, comma-separated, for "
                             "clients that balance calls themselves (default: free ports, logged at start)")
+    serve.add_argument("--replicate-from", default=env("REPLICATE_FROM", None), metavar="HOST:PORT",
+                       help="run as a replica of the primary at HOST:PORT on another machine: copy its state into "
+                            "--data-dir, follow its log, serve reads, forward writes (env STREAMREC_REPLICATE_FROM)")
+    serve.add_argument("--replication-token-file", type=Path, default=env("REPLICATION_TOKEN_FILE", None),
+                       help="with --replicate-from: a file holding an admin token for the primary, when it checks tokens")
     serve.add_argument("--role", choices=["primary", "replica"], default="primary", help=argparse.SUPPRESS)
     serve.add_argument("--primary", default=None, help=argparse.SUPPRESS)  # a replica forwards writes here
     serve.add_argument("--process-port", type=int, default=None, help=argparse.SUPPRESS)
@@ -96,10 +101,24 @@ def supervise(args) -> int:
     return supervisor.run_forever()
 
 
+def _read_token(path: Path | None) -> str | None:
+    return path.read_text().strip() if path else None
+
+
 def run(args) -> int:
     if args.replicas < 0:
         print("error: --replicas must be 0 or more", file=sys.stderr)
         return 2
+    if args.replicas and args.replicate_from:
+        print("error: --replicas runs replicas of this machine's primary; --replicate-from makes this a replica "
+              "of another machine's: choose one", file=sys.stderr)
+        return 2
+    ports = [p for p in str(args.process_ports).split(",") if p.strip()]
+    if not args.replicas and ports:  # one process: its own port is the one given
+        if len(ports) != 1:
+            print(f"error: --process-ports lists {len(ports)} ports for 1 process", file=sys.stderr)
+            return 2
+        args.process_port = int(ports[0])
     if args.replicas:
         try:
             return supervise(args)
@@ -114,8 +133,9 @@ def run(args) -> int:
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),
                           metrics_port=None if args.metrics_port is None else int(args.metrics_port),
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          tokens_file=args.tokens_file, role=args.role, primary_target=args.primary,
-                          process_port=args.process_port)
+                          tokens_file=args.tokens_file, role="replica" if args.replicate_from else args.role,
+                          primary_target=args.replicate_from or args.primary, process_port=args.process_port,
+                          remote=bool(args.replicate_from), replication_token=_read_token(args.replication_token_file))
     try:
         server = StreamrecServer(config)
     except (TlsConfigError, auth.TokensFileError) as error:

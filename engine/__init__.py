@@ -29,10 +29,10 @@ _EXPORTS = {
     "SHIPPED_RERANKER": "rerank.reranker",  # the reranking model that ships with the package (ML-100K, d=64)
     "sidecar_path": "rerank.reranker",  # where a reranking model's metadata file lives
     **{name: "errors" for name in ("EngineError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
-                                   "OutOfRange", "FailedPrecondition", "DeadlineExceeded")},
+                                   "OutOfRange", "FailedPrecondition", "OtherLog", "DeadlineExceeded")},
     **{name: "api" for name in ("Event", "EventType", "ItemSpec", "Rejection", "IngestResult", "UpsertResult",
                                 "DeleteResult", "ForgetResult", "RecommendQuery", "Recommendation", "ItemView", "UserView",
-                                "ServedBy", "EngineStats")},
+                                "ServedBy", "EngineStats", "SnapshotData")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -126,6 +126,18 @@ class UserView:
     last_event_ms: int
 
 
+# --- replication (a replica on another machine; engine/replica/feed.py and remote.py) ---
+@dataclass
+class SnapshotData:
+    """A primary's checkpointed state as replication ships it: records in the store's own encoding."""
+
+    log_id: str
+    watermark: int  # the last log seq the snapshot reflects
+    meta: dict[str, bytes]  # store meta: dimension, model version, serving reranker, ...
+    items: list[bytes]
+    users: list[bytes]
+
+
 # --- what the engine reports about itself ---
 @dataclass(frozen=True, slots=True)
 class ServedBy:

@@ -40,13 +40,16 @@ from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFoun
 from streamrec.engine.observer import EngineObserver
 from streamrec.engine.rerank.features import ItemArrays, build_features, capture_user, state_clock_ms
 from streamrec.engine.rerank.reranker import Reranker, RerankerRejected
+from streamrec.engine.replica.feed import LogFeed
 from streamrec.engine.replica.follower import LogFollower
+from streamrec.engine.replica.remote import LogSource, RemoteFollower
 from streamrec.engine.replica.wakeup import WakeupSender, folder_of
 from streamrec.engine.retrieval.batcher import MicroBatcher
 from streamrec.engine.retrieval.retriever import Retriever
 from streamrec.engine.retrieval.topk import get_backend
 from streamrec.engine.state.state import State
 from streamrec.engine.store import codec
+from streamrec.engine.store.copy import LogCopy
 from streamrec.engine.store.store import Store
 from streamrec.engine.validation import check_deletes, check_id, check_query, check_upserts, split_events
 from streamrec.engine.write.checkpointer import Checkpointer
@@ -61,15 +64,19 @@ _DIM_KEY = "dim"
 
 class Engine:
     """replica=False (the primary): the one writer of `data_dir`. replica=True: a read replica of a store another
-    process writes; it applies that process's log as it grows (replica/follower.py) and refuses writes."""
+    process writes; it applies that process's log as it grows (replica/follower.py) and refuses writes.
+    source (a LogSource): a replica on another machine, keeping its own copy of the primary's log in `data_dir`
+    (replica/remote.py)."""
 
     def __init__(self, data_dir: str | Path, config: EngineConfig | None = None, observer: EngineObserver | None = None,
-                 *, replica: bool = False):
+                 *, replica: bool = False, source: LogSource | None = None):
         config = config or EngineConfig()
         self.data_dir = Path(data_dir)
         self.observer = observer or EngineObserver()
+        replica = replica or source is not None
         self.role = "replica" if replica else "primary"
-        self.store = Store(self.data_dir, sync=config.sync, readonly=replica)
+        self.store = (LogCopy(self.data_dir, sync=config.sync) if source is not None
+                      else Store(self.data_dir, sync=config.sync, readonly=replica))
         self.config = config = self._config_for_store(config)
         self.limits = config.limits
         self.state = State(config)
@@ -88,16 +95,27 @@ class Engine:
         self.writer: GroupCommitWriter | None = None
         self.follower: LogFollower | None = None
         self.wakeups: WakeupSender | None = None
-        if replica:
+        self.feed: LogFeed | None = None  # the primary's side of replication to other machines
+        if source is not None:
+            self.checkpointer = Checkpointer(self.store, self.state, self.lock, config, self.observer)
+            self.follower = RemoteFollower(self.store, source, self.checkpointer, self.state, self.lock, self.reranker,
+                                           config, lambda: self._model_version)
+            self._follow()
+        elif replica:
             self.follower = LogFollower(self.store, self.state, self.lock, self.reranker, config,
                                         lambda: self._model_version)
-            self.recovered_records = self.follower.load()
-            self.follower.start()
+            self._follow()
         else:
             self._start_writing(config)
+            self.feed = LogFeed(self.store, self.state, self.checkpoint, self.lock)
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
             self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size,
             on_batch=self.observer.recommend_batch)
+
+    def _follow(self) -> None:
+        self.recovered_records = self.follower.load()
+        self._model_version = (self.store.get_meta(MODEL_VERSION_KEY) or b"none").decode()
+        self.follower.start()
 
     def _start_writing(self, config: EngineConfig) -> None:
         """The primary: recover, then the writer thread; replicas are woken after each commit."""
@@ -168,8 +186,10 @@ class Engine:
     def close(self, checkpoint: bool = True) -> None:
         """Drain queued writes and stop. checkpoint=False leaves the log unreplayed, as after a crash."""
         self.batcher.close()
+        if self.feed is not None:
+            self.feed.close()  # replicas' streams stop reading the store before it closes
         if self.follower is not None:
-            self.follower.close()
+            self.follower.close()  # a remote replica's also writes its copy's last checkpoint
         if self.writer is not None:
             self.writer.close(final_checkpoint=checkpoint)
             self.checkpointer.close()
@@ -275,12 +295,14 @@ class Engine:
         process may have caught up). A seq beyond the log's end is no token of this store: OutOfRange."""
         if min_seq <= self.state.applied_seq:
             return
-        last = self.store.last_seq()
-        if min_seq > last:
-            raise OutOfRange("min_seq", f"{min_seq} is beyond this store's log (last seq {last}): "
-                                        "a token from another server or data dir?")
+        # Where the log ends is known here exactly, except on a replica on another machine (as of its last batch).
+        remote = isinstance(self.follower, RemoteFollower)
+        if not remote:
+            self._check_in_log(min_seq)
         timeout_s = self.config.min_seq_wait_s if timeout_s is None else timeout_s
         if not self.state.wait_applied(min_seq, timeout_s):
+            if remote:
+                self._check_in_log(min_seq)
             raise Unavailable("min_seq", f"this {self.role} has applied up to seq {self.state.applied_seq}, "
                                          f"behind min_seq {min_seq} after waiting {timeout_s * 1e3:.0f} ms; retry")
 
@@ -306,6 +328,12 @@ class Engine:
                             request_id=request_id, user_field="item_id")  # checks item_id, naming the field
         query.user_id = ""  # no user: the item's vector is the query
         return self.retriever.similar(item_id, query)
+
+    def _check_in_log(self, min_seq: int) -> None:
+        last = self.follower.log_end() if self.follower is not None else self.store.last_seq()
+        if min_seq > last:
+            raise OutOfRange("min_seq", f"{min_seq} is beyond this server's log (last seq {last}): "
+                                        "a token from another server or data dir?")
 
     def get_item(self, item_id: str) -> ItemView:
         check_id("item_id", item_id, self.limits)

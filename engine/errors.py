@@ -33,5 +33,9 @@ class FailedPrecondition(EngineError):
     pass
 
 
+class OtherLog(FailedPrecondition):
+    """A replica asked to follow a log this primary does not serve (another primary's, or a restored backup's)."""
+
+
 class DeadlineExceeded(Exception):
     """The caller's deadline passed while its request waited; the work was skipped."""

@@ -24,7 +24,8 @@ from streamrec.engine import Engine, EngineObserver
 from streamrec.engine.config import STORE_FOLDER, EngineConfig
 from streamrec.server.auth import AuthInterceptor, TokenTable
 from streamrec.server.decode import RequestDecodeInterceptor
-from streamrec.server.forward import PrimaryForwarder
+from streamrec.server.forward import PrimaryForwarder, primary_channel
+from streamrec.server.replication import GrpcLogSource, ReplicationServicer
 from streamrec.server.metrics import Metrics, MetricsInterceptor
 from streamrec.server.servicers import (
     CatalogServicer,
@@ -43,6 +44,7 @@ from streamrec.v1 import (
     events_pb2_grpc,
     recommend_pb2,
     recommend_pb2_grpc,
+    replication_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -83,15 +85,19 @@ class ServerConfig:
     role: str = "primary"
     primary_target: str | None = None
     process_port: int | None = None
+    # A replica on another machine (engine/replica/remote.py): copies the primary at `primary_target` over its
+    # ReplicationService into its own data dir. The token (admin role) is sent when the primary checks tokens.
+    remote: bool = False
+    replication_token: str | None = None
 
 
 def open_engine(data_dir: Path, config: EngineConfig, dataset: str, observer: EngineObserver,
-                replica: bool = False) -> Engine:
+                replica: bool = False, source=None) -> Engine:
     """The Engine of <data_dir>/lmdb; on the first start (no store yet) seeded with `dataset` first. A replica
-    opens the store its primary has already created."""
+    opens the store its primary has already created; a remote one (source: a LogSource) keeps its own copy."""
     store_dir = Path(data_dir) / STORE_FOLDER
     if replica:
-        return Engine(store_dir, config, observer, replica=True)
+        return Engine(store_dir, config, observer, replica=True, source=source)
     if dataset == "none" or Engine.holds_store(store_dir):
         return Engine(store_dir, config, observer)
     # First start only: training a model to seed with is offline work, so its code is loaded just then.
@@ -142,6 +148,9 @@ class StreamrecServer:
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(), self.grpc_server)
+        if config.role == "primary":
+            replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(self.holder),
+                                                                          self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -186,8 +195,13 @@ class StreamrecServer:
         return self.port
 
     def _open_engine(self) -> None:
-        self.engine = open_engine(self.config.data_dir, self.config.engine, self.config.dataset, observer=self.metrics,
-                                  replica=self.config.role == "replica")
+        config = self.config
+        source = None
+        if config.remote:
+            token = [("authorization", f"Bearer {config.replication_token}")] if config.replication_token else []
+            source = GrpcLogSource(primary_channel(config.primary_target, self.tls, config.max_message_bytes), token)
+        self.engine = open_engine(config.data_dir, config.engine, config.dataset, observer=self.metrics,
+                                  replica=config.role == "replica", source=source)
 
     def _bind(self, port: int) -> int:
         target = f"{self.config.host}:{port}"
@@ -221,6 +235,8 @@ class StreamrecServer:
         if self._stopped.is_set():
             return
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine is not None and self.engine.feed is not None:
+            self.engine.feed.close()  # replicas' log streams never end by themselves: end them before draining
         self.grpc_server.stop(self.config.grace_s if grace_s is None else grace_s).wait()
         if self.engine is not None:
             self.engine.close()

@@ -55,7 +55,7 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from streamrec.v1 import catalog_pb2, diagnostics_pb2, events_pb2, recommend_pb2
+from streamrec.v1 import catalog_pb2, diagnostics_pb2, events_pb2, recommend_pb2, replication_pb2
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ SERVICE_ROLES: dict[str, str] = {
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name: "reader",
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name: "writer",
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name: "admin",
+    # The whole state and log, every user's events included: only for replicas, which hold an admin token.
+    replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name: "admin",
 }
 # Per-method exceptions to SERVICE_ROLES, keyed by full method name ("/package.Service/Method").
 METHOD_ROLES: dict[str, str] = {

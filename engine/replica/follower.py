@@ -46,6 +46,7 @@ class LogFollower:
         self.store, self.state, self.lock = store, state, lock
         self.reranker, self.config, self.model_version = reranker, config, model_version
         self.poll_s = poll_s  # read the log at least this often without a hint
+        self.checkpoints = False  # this replica writes no checkpoints of its own (the primary does, in the store)
         self.reloads = 0  # state reloads from a checkpoint (erasures seen)
         self.applied_records = 0
         self.last_apply_wall = time.time()
@@ -88,6 +89,10 @@ class LogFollower:
                 log.exception("replica: applying the log failed at seq %d; retrying", self.state.applied_seq)
                 self._stop.wait(1.0)
 
+    def log_end(self) -> int:
+        """The last seq of the primary's log as far as this replica knows."""
+        return self.store.last_seq()
+
     # --- applying ---------------------------------------------------------------------------------
     def catch_up(self) -> int:
         """Apply up to one chunk of what the log holds past the applied seq; returns the records applied."""
@@ -122,8 +127,8 @@ class LogFollower:
             return
         with self.lock:
             apply_log(self.state, records)
-            # A replica never checkpoints: what the State marks for the next checkpoint would only pile up.
-            self.state.clear_dirty()
+            if not self.checkpoints:  # what the State marks for a next checkpoint would only pile up
+                self.state.clear_dirty()
         self.applied_records += len(records)
         self.last_apply_wall = time.time()
 
@@ -135,9 +140,8 @@ class LogFollower:
     def _reload(self, at_least: int) -> None:
         """The state from a checkpoint whose watermark is at least `at_least`, then the log after it."""
         started = time.perf_counter()
-        while self.store.checkpoint_seq() < at_least:
-            if self._stop.wait(_RELOAD_POLL_S):
-                return
+        if not self._checkpoint_covering(at_least):
+            return
         fresh = State(self.config)
         swaps: list[codec.RerankerSwap] = []
         recover(self.store, fresh, swaps.append)
@@ -151,6 +155,14 @@ class LogFollower:
         self.reloads += 1
         log.info("replica: reloaded from checkpoint (erasure before seq %d) at seq %d in %.1f ms", at_least,
                  self.state.applied_seq, (time.perf_counter() - started) * 1e3)
+
+    def _checkpoint_covering(self, at_least: int) -> bool:
+        """Until the store holds a checkpoint at or past `at_least` (the primary writes one after each erasure);
+        False when stopped first."""
+        while self.store.checkpoint_seq() < at_least:
+            if self._stop.wait(_RELOAD_POLL_S):
+                return False
+        return True
 
     def _swap_reranker(self, swap: codec.RerankerSwap) -> None:
         """The primary's model change, made here; a file this process cannot load leaves the old model serving."""

@@ -42,9 +42,10 @@ class LogCopy(Store):
         return self._log_env.write(lambda txn: sum(txn.pop(key, db=self._log) is not None for key in keys))
 
     def replace_checkpoint(self, watermark: int, items: list[ItemRecord], users: list[UserRecord],
-                           meta: dict[str, bytes]) -> None:
+                           meta: dict[str, bytes], drop_log: bool = False) -> None:
         """This copy's checkpointed state becomes a snapshot's, wholly (users the snapshot lacks are gone); its log
-        goes on after the watermark (records up to it are covered by the snapshot and dropped)."""
+        goes on after the watermark (records up to it are covered by the snapshot and dropped). drop_log: the
+        copy followed another log, whose records after the watermark go too."""
         packed_users = [(_key(u.user_id), _pack_user(u)) for u in users]
 
         def state(txn: lmdb.Transaction) -> None:
@@ -60,9 +61,9 @@ class LogCopy(Store):
 
         def log(txn: lmdb.Transaction) -> None:
             cursor = txn.cursor(db=self._log)
-            while cursor.first() and _SEQ.unpack(cursor.key())[0] <= watermark:
+            while cursor.first() and (drop_log or _SEQ.unpack(cursor.key())[0] <= watermark):
                 cursor.delete()
-            if self._last_seq_txn(txn) < watermark:
+            if drop_log or self._last_seq_txn(txn) < watermark:
                 txn.put(_META_LAST_SEQ.encode(), _SEQ.pack(watermark), db=self._log_meta)
 
         self._log_env.write(log)  # first: a checkpoint's watermark never exceeds the log's end
