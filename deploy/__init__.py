@@ -1,0 +1,1 @@
+"""Deployments of streamrec on existing cluster engines (optional extras): ray.py (Ray Serve)."""
