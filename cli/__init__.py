@@ -16,12 +16,13 @@ def env(name: str, default):
 # from here, and `python -m streamrec.cli.evaluate` must not find its module already imported.
 
 def build_parser() -> argparse.ArgumentParser:
-    from streamrec.cli import client, evaluate, rerank, serve, token, train
+    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train
 
     parser = argparse.ArgumentParser(prog="streamrec", description="Real-time recommendation engine over gRPC.")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     serve.register(sub)
+    deploy.register(sub)
     token.register(sub)
     client.register(sub)
     evaluate.register(sub)
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamrec.cli import client, evaluate, rerank, serve, token, train
+    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train
 
     args = build_parser().parse_args(argv)
     process = os.environ.get("STREAMREC_PROCESS_NAME")  # set by `serve --replicas N` for each of its processes
@@ -47,4 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         return rerank.run(args)
     if args.command == "token":
         return token.run(args)
+    if args.command == "deploy-ray":
+        return deploy.run(args)
     return client.run(args)

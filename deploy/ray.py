@@ -108,7 +108,9 @@ def build_app(primary: str, data_root: str, replicas: int, engine_options: dict 
 def deploy(primary: str, data_root: str, replicas: int = 2, grpc_port: int = 9000, engine_options: dict | None = None,
            replication_token: str | None = None, autoscaling: dict | None = None):
     """Start Serve's gRPC ingress (one proxy per node) on `grpc_port` and run the application on the connected
-    Ray cluster; returns its handle. Running it again with another `replicas` scales the deployment."""
+    Ray cluster; returns its handle. Running it again with another `replicas` redeploys: Serve replaces the
+    replicas in a rolling update (each new one resumes from the copy its rank left); with `autoscaling`, Serve
+    adds and removes replicas itself without redeploying."""
     serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS))
     app = build_app(primary, data_root, replicas, engine_options, replication_token, autoscaling)
     handle = serve.run(app, name=APPLICATION, route_prefix=f"/{APPLICATION}")  # None would expose it nowhere
