@@ -99,7 +99,7 @@ class StreamResult:
 
     def add(self, ack: events_pb2.EventAck, lag_s: float) -> None:
         if self.session is not None:
-            self.session.saw(ack.durable_seq)
+            self.session.saw(ack.durable_seq, ack.log_id)
         self.batches += 1
         self.accepted += ack.accepted
         self.duplicates += ack.duplicates

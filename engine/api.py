@@ -147,6 +147,7 @@ class ServedBy:
     embedding_version: int
     applied_seq: int  # the last log record applied to the state that answered
     backend: str  # the top-k backend's name
+    log_id: str = ""  # the log applied_seq counts in
 
 
 @dataclass

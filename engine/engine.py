@@ -81,8 +81,9 @@ class Engine:
         self.limits = config.limits
         self.state = State(config)
         self.lock = threading.RLock()  # guards the state: the writer applies under it, readers copy under it
-        # Cached: every response reports it, and request threads should not read LMDB.
+        # Cached: every response reports them, and request threads should not read LMDB.
         self._model_version = (self.store.get_meta(MODEL_VERSION_KEY) or b"none").decode()
+        self._log_id = self.store.log_id
         self.backend = get_backend(config.backend, config.gpu_storage)
         self.backend.warmup()  # JIT-compile now, not on the first request
         warm_update_kernel()  # likewise for the online update: the first ingested event should not pay for it
@@ -289,10 +290,14 @@ class Engine:
         return build_features([user], [rows], [np.asarray(scores, np.float32)], arrays, now_ms)
 
     # --- reads ------------------------------------------------------------------------------------
-    def wait_applied(self, min_seq: int, timeout_s: float | None = None) -> None:
+    def wait_applied(self, min_seq: int, timeout_s: float | None = None, log_id: str = "") -> None:
         """Read-your-writes: return once this process's state has applied `min_seq` (a durable_seq from an ack),
         waiting at most `timeout_s` (default: config.min_seq_wait_s). Past it: Unavailable, retryable (another
-        process may have caught up). A seq beyond the log's end is no token of this store: OutOfRange."""
+        process may have caught up). A seq beyond the log's end is no token of this store: OutOfRange; a token
+        that names another log (`log_id`): FailedPrecondition."""
+        if log_id and min_seq and log_id != self.log_id:
+            raise FailedPrecondition("log_id", f"min_seq {min_seq} counts in log {log_id}; this server's log is "
+                                               f"{self.log_id} (another primary, or its store was replaced)")
         if min_seq <= self.state.applied_seq:
             return
         # Where the log ends is known here exactly, except on a replica on another machine (as of its last batch).
@@ -354,7 +359,14 @@ class Engine:
     def served_by(self) -> ServedBy:
         """Which model and state answer now (read without the lock: each field is one reference)."""
         state = self.state
-        return ServedBy(self._model_version, state.embedding_version, state.applied_seq, self.backend.name)
+        return ServedBy(self._model_version, state.embedding_version, state.applied_seq, self.backend.name, self.log_id)
+
+    @property
+    def log_id(self) -> str:
+        """The log this process's applied seq counts in (a remote replica's: its primary's)."""
+        if isinstance(self.follower, RemoteFollower):
+            return self.follower.copy_of
+        return self._log_id
 
     def stats(self) -> EngineStats:
         with self.lock:

@@ -22,9 +22,10 @@ def events_from(batch: events_pb2.EventBatch) -> list[Event]:
     return [Event(e.event_id, e.user_id, e.item_id, e.type, e.value, e.timestamp_ms) for e in batch.events]
 
 
-def ack_from(batch_id: str, result: IngestResult) -> events_pb2.EventAck:
+def ack_from(batch_id: str, result: IngestResult, log_id: str = "") -> events_pb2.EventAck:
     return events_pb2.EventAck(
         batch_id=batch_id,
+        log_id=log_id,
         accepted=result.accepted,
         duplicates=result.duplicates,
         rejections=[events_pb2.EventRejection(index=r.index, event_id=r.event_id, field=r.field, reason=r.reason)
@@ -54,6 +55,7 @@ def set_served_by(message: common_pb2.ServedBy, served_by: ServedBy) -> None:
     message.embedding_version = served_by.embedding_version
     message.applied_seq = served_by.applied_seq
     message.backend = served_by.backend
+    message.log_id = served_by.log_id
 
 
 def add_scored_items(items, result: Recommendation) -> None:

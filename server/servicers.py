@@ -133,7 +133,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         if primary := self.holder.primary:
             return primary.unary(primary.events.PublishEvents, request, context)
         engine = self.holder.get()
-        return convert.ack_from(request.batch_id, engine.ingest(convert.events_from(request)))
+        return convert.ack_from(request.batch_id, engine.ingest(convert.events_from(request)), engine.log_id)
 
     @streaming
     def StreamEvents(self, request_iterator, context):
@@ -150,7 +150,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
 
         with closing(_read_ahead(request_iterator, submit, "stream-events-reader")) as entries:
             for number, batch, _, pending in entries:
-                yield convert.ack_from(batch.batch_id or str(number), pending.result())
+                yield convert.ack_from(batch.batch_id or str(number), pending.result(), engine.log_id)
 
 
 def _batch_rejected(error: InvalidArgument) -> IngestResult:
@@ -166,7 +166,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def Recommend(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
-        engine.wait_applied(request.min_seq)
+        engine.wait_applied(request.min_seq, log_id=request.log_id)
         result = engine.recommend([engine.build_query(**convert.query_fields(request))], _deadline(context))[0]
         return convert.recommend_response(engine.served_by(), result, _micros_since(started))
 
@@ -176,7 +176,8 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         engine = self.holder.get()
         if len(request.requests) > engine.limits.max_requests_per_batch:
             raise InvalidArgument("requests", f"at most {engine.limits.max_requests_per_batch} per batch, got {len(request.requests)}")
-        engine.wait_applied(max([request.min_seq, *(item.min_seq for item in request.requests)]))
+        engine.wait_applied(max([request.min_seq, *(item.min_seq for item in request.requests)]),
+                            log_id=request.log_id or next((item.log_id for item in request.requests if item.log_id), ""))
         queries = []
         for index, item in enumerate(request.requests):
             try:
@@ -193,7 +194,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
         engine = self.holder.get()
 
         def submit(request) -> Future:
-            engine.wait_applied(request.min_seq)  # on the reader thread: later requests of the stream wait too
+            engine.wait_applied(request.min_seq, log_id=request.log_id)  # on the reader thread: later ones wait too
             return engine.recommend_async(engine.build_query(**convert.query_fields(request)))
 
         with closing(_read_ahead(request_iterator, submit, "recommend-stream-reader")) as entries:
@@ -210,7 +211,7 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def SimilarItems(self, request, context):
         started = time.perf_counter()
         engine = self.holder.get()
-        engine.wait_applied(request.min_seq)
+        engine.wait_applied(request.min_seq, log_id=request.log_id)
         result = engine.similar_items(request.item_id, request.k if request.HasField("k") else None,
                                       request.include_categories, request.exclude_categories, request.request_id)
         return convert.similar_items_response(engine.served_by(), result, request.item_id, _micros_since(started))
@@ -224,26 +225,30 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     def UpsertItems(self, request, context):
         if primary := self.holder.primary:
             return primary.unary(primary.catalog.UpsertItems, request, context)
-        result = self.holder.get().upsert_items([convert.item_spec_from(i) for i in request.items])
-        return catalog_pb2.UpsertItemsResponse(created=result.created, updated=result.updated, durable_seq=result.durable_seq)
+        engine = self.holder.get()
+        result = engine.upsert_items([convert.item_spec_from(i) for i in request.items])
+        return catalog_pb2.UpsertItemsResponse(created=result.created, updated=result.updated,
+                                               durable_seq=result.durable_seq, log_id=engine.log_id)
 
     @unary
     def DeleteItems(self, request, context):
         if primary := self.holder.primary:
             return primary.unary(primary.catalog.DeleteItems, request, context)
-        result = self.holder.get().delete_items(list(request.item_ids))
-        return catalog_pb2.DeleteItemsResponse(deleted=result.deleted, not_found=result.not_found, durable_seq=result.durable_seq)
+        engine = self.holder.get()
+        result = engine.delete_items(list(request.item_ids))
+        return catalog_pb2.DeleteItemsResponse(deleted=result.deleted, not_found=result.not_found,
+                                               durable_seq=result.durable_seq, log_id=engine.log_id)
 
     @unary
     def GetItem(self, request, context):
         engine = self.holder.get()
-        engine.wait_applied(request.min_seq)
+        engine.wait_applied(request.min_seq, log_id=request.log_id)
         return convert.item_message(engine.get_item(request.item_id), request.include_embedding)
 
     @unary
     def GetUser(self, request, context):
         engine = self.holder.get()
-        engine.wait_applied(request.min_seq)
+        engine.wait_applied(request.min_seq, log_id=request.log_id)
         return convert.user_message(engine.get_user(request.user_id, request.history_limit or 20),
                                     request.include_embedding)
 
@@ -251,13 +256,15 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     def ForgetUser(self, request, context):
         if primary := self.holder.primary:
             return primary.unary(primary.catalog.ForgetUser, request, context)
-        result = self.holder.get().forget_user(request.user_id)
-        return catalog_pb2.ForgetUserResponse(events_erased=result.events_erased, durable_seq=result.durable_seq)
+        engine = self.holder.get()
+        result = engine.forget_user(request.user_id)
+        return catalog_pb2.ForgetUserResponse(events_erased=result.events_erased, durable_seq=result.durable_seq,
+                                              log_id=engine.log_id)
 
     @unary
     def Stats(self, request, context):
         engine = self.holder.get()
-        engine.wait_applied(request.min_seq)
+        engine.wait_applied(request.min_seq, log_id=request.log_id)
         return convert.stats_message(engine.stats(), engine.limits)
 
     @unary

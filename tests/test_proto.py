@@ -24,7 +24,7 @@ def test_check_notices_a_changed_proto(tmp_path, monkeypatch):
     copy = tmp_path / "proto"
     shutil.copytree(ROOT / "proto", copy)
     events = copy / "streamrec" / "v1" / "events.proto"
-    events.write_text(events.read_text().replace("uint64 first_seq = 6;", "uint64 first_seq = 6;\n  string note = 7;"))
+    events.write_text(events.read_text().replace("uint64 first_seq = 6;", "uint64 first_seq = 6;\n  string note = 99;"))
     monkeypatch.setattr(generator, "PROTO_ROOT", copy)
     monkeypatch.setattr(generator, "PACKAGE_DIR", copy / "streamrec" / "v1")
     assert generator.stale_stubs() == ["events_pb2.py", "events_pb2.pyi"]

@@ -71,11 +71,17 @@ def test_serve_ingress_reads_your_writes(primary, ingress):
             assert response.served_by.applied_seq >= ack.durable_seq and response.strategy == "personalized"
 
 
-def test_a_token_beyond_the_primary_log_is_refused(primary, ingress):
+def test_a_token_beyond_the_log_or_of_another_log_is_refused(primary, ingress):
     stub, _ = ingress
     with pytest.raises(grpc.RpcError) as error:
         recommend(stub, "u1", primary.engine.store.last_seq() + 10**6)
     assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    request = recommend_pb2.RecommendRequest(user_id="u1", min_seq=1, log_id="another-primarys-log")
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Recommend(request, metadata=ROUTE, timeout=30)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "log_id" in error.value.details()
+    answer = recommend(stub, "u1", 1)
+    assert answer.served_by.log_id == primary.engine.store.log_id
 
 
 def _replica_actors() -> list[str]:

@@ -83,6 +83,7 @@ def topology(tmp_path_factory):
 def test_every_process_reports_its_role(topology):
     stats = [client.stats() for client in topology.clients]
     assert [s.role for s in stats] == ["primary", "replica", "replica"]
+    assert len({s.served_by.log_id for s in stats}) == 1 and stats[0].served_by.log_id  # one log, one clock
     assert len({s.pid for s in stats}) == 3
     assert stats[0].replicas == 2
 

@@ -208,3 +208,26 @@ def test_control_records_round_trip():
     assert codec.decode(codec.encode_reranker("/m/a.onnx", "v1")) == codec.RerankerSwap("/m/a.onnx", "v1")
     with pytest.raises(ValueError):
         codec.decode(codec.encode_user_forgotten([1, 2])[:-1])  # truncated
+
+
+def test_a_token_of_another_log_is_refused_not_misread(primary):
+    from streamrec.engine.errors import FailedPrecondition
+
+    assert primary.served_by().log_id == primary.store.log_id != ""
+    with pytest.raises(FailedPrecondition) as error:
+        primary.wait_applied(1, log_id="another-primarys-log")
+    assert error.value.field == "log_id"
+    primary.wait_applied(1, log_id=primary.store.log_id)  # its own log: served
+
+
+def test_the_session_follows_one_log_and_starts_over_on_another():
+    from streamrec.clients.session import Session
+    from streamrec.v1 import events_pb2, recommend_pb2
+
+    session = Session()
+    session.observe(events_pb2.EventAck(durable_seq=40, log_id="A"))
+    request = session.stamp(recommend_pb2.RecommendRequest(user_id="u"))
+    assert (request.min_seq, request.log_id) == (40, "A")
+    session.observe(events_pb2.EventAck(durable_seq=7, log_id="B"))  # the store was replaced: a new clock
+    assert (session.seq, session.log_id) == (7, "B")
+    assert Session("eventual").stamp(recommend_pb2.RecommendRequest(user_id="u")).min_seq == 0

@@ -61,6 +61,7 @@ export class StreamrecClient {
     // The highest log seq seen in any ack or answer (BigInt: uint64 overflows a Number). Kept under
     // 'eventual' too, so a caller can still read it and pass it on.
     this.sessionSeq = 0n;
+    this.sessionLog = ''; // the log sessionSeq counts in (answers say which; another log starts the session over)
     this.events = new v1.EventService(address, credentials);
     // The other stubs share the first one's channel.
     const shared = { channelOverride: this.events.getChannel() };
@@ -89,24 +90,32 @@ export class StreamrecClient {
    * Take a log seq seen elsewhere (BigInt, decimal string or number), e.g. the durableSeq of a write made by
    * another client or request handler, so this client's next reads see that write. Returns sessionSeq.
    */
-  sawSeq(seq) {
+  sawSeq(seq, logId = '') {
+    if (logId && logId !== this.sessionLog) {
+      if (this.sessionLog) this.sessionSeq = 0n; // the server's store was replaced: its seqs are a new clock
+      this.sessionLog = logId;
+    }
     const value = BigInt(seq || 0);
     if (value > this.sessionSeq) this.sessionSeq = value;
     return this.sessionSeq;
   }
 
-  /** A read's min_seq: the caller's when set (non-zero), else the session's ('0', no wait, under 'eventual'). */
-  _minSeq(minSeq) {
-    if (minSeq && BigInt(minSeq) > 0n) return String(minSeq);
-    // A string: protobufjs takes decimal strings for uint64 fields, not BigInts.
-    return this.consistency === 'session' ? String(this.sessionSeq) : '0';
+  /**
+   * A read's token: min_seq, the caller's when set (non-zero), else the session's ('0', no wait, under
+   * 'eventual'), and the log it counts in, so a server of another log refuses it instead of misreading it.
+   */
+  _token(minSeq) {
+    // Strings: protobufjs takes decimal strings for uint64 fields, not BigInts.
+    if (minSeq && BigInt(minSeq) > 0n) return { min_seq: String(minSeq), log_id: this.sessionLog };
+    if (this.consistency !== 'session') return { min_seq: '0', log_id: '' };
+    return { min_seq: String(this.sessionSeq), log_id: this.sessionLog };
   }
 
   /** Note the seq an answer reports: a write's durable_seq, a read's served_by.applied_seq (each of a batch's). */
   _observe(response) {
-    if (response?.durable_seq !== undefined) this.sawSeq(response.durable_seq);
+    if (response?.durable_seq !== undefined) this.sawSeq(response.durable_seq, response.log_id);
     for (const answer of [response, ...(response?.responses ?? [])]) {
-      if (answer?.served_by) this.sawSeq(answer.served_by.applied_seq);
+      if (answer?.served_by) this.sawSeq(answer.served_by.applied_seq, answer.served_by.log_id);
     }
     return response;
   }
@@ -138,7 +147,7 @@ export class StreamrecClient {
         totals.duplicates += ack.duplicates;
         for (const r of ack.rejections) totals.rejections.push({ batch_id: ack.batch_id, ...r });
         if (BigInt(ack.durable_seq) > BigInt(totals.durableSeq)) totals.durableSeq = ack.durable_seq;
-        this.sawSeq(ack.durable_seq);
+        this.sawSeq(ack.durable_seq, ack.log_id);
       });
       call.on('error', reject);
       call.on('end', () => {
@@ -166,7 +175,7 @@ export class StreamrecClient {
     requestId = '', minSeq, deadlineMs } = {}) {
     const request = {
       request_id: requestId, user_id: userId, exclude_item_ids: excludeItemIds,
-      include_categories: includeCategories, exclude_categories: excludeCategories, min_seq: this._minSeq(minSeq),
+      include_categories: includeCategories, exclude_categories: excludeCategories, ...this._token(minSeq),
     };
     if (k !== undefined && k !== null) request.k = k;
     if (excludeSeen !== undefined && excludeSeen !== null) request.exclude_seen = excludeSeen;
@@ -175,12 +184,12 @@ export class StreamrecClient {
 
   getUser(userId, { historyLimit = 0, includeEmbedding = false, minSeq, deadlineMs } = {}) {
     return this._unary(this.catalog, 'GetUser', {
-      user_id: userId, history_limit: historyLimit, include_embedding: includeEmbedding, min_seq: this._minSeq(minSeq),
+      user_id: userId, history_limit: historyLimit, include_embedding: includeEmbedding, ...this._token(minSeq),
     }, deadlineMs);
   }
 
   stats({ minSeq, deadlineMs } = {}) {
-    return this._unary(this.catalog, 'Stats', { min_seq: this._minSeq(minSeq) }, deadlineMs);
+    return this._unary(this.catalog, 'Stats', this._token(minSeq), deadlineMs);
   }
 
   close() {

@@ -57,6 +57,7 @@ class RemoteFollower(LogFollower):
         super().__init__(store, *args, **kwargs)
         self.source = source
         self._other_log = False
+        self._copy_of: str | None = None
         self.checkpointer = checkpointer
         self.checkpoints = True  # the copy keeps checkpoints of its own, so a restart resumes from it
         self.primary_last = 0  # the primary's last seq as of the last batch (an idle stream sends one a second)
@@ -67,8 +68,10 @@ class RemoteFollower(LogFollower):
 
     @property
     def copy_of(self) -> str:
-        """The log this copy follows ("" before its first snapshot)."""
-        return (self.store.get_meta(COPY_OF_KEY) or b"").decode()
+        """The log this copy follows ("" before its first snapshot); cached, every answer reports it."""
+        if self._copy_of is None:
+            self._copy_of = (self.store.get_meta(COPY_OF_KEY) or b"").decode()
+        return self._copy_of
 
     def load(self) -> int:
         if not self.copy_of:
@@ -142,6 +145,7 @@ class RemoteFollower(LogFollower):
         self.store.replace_checkpoint(snap.watermark, items, users, {**snap.meta, COPY_OF_KEY: snap.log_id.encode()},
                                       drop_log=drop_log)
         self.store.adopt_log_id(snap.log_id)
+        self._copy_of = snap.log_id
         self.snapshots += 1
         log.info("remote replica: snapshot at seq %d (%d items, %d users) copied in %.1f ms", snap.watermark,
                  len(items), len(users), (time.perf_counter() - started) * 1e3)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamrec.v1 import common_pb2 as streamrec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astreamrec/v1/catalog.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"\xfb\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x36\n\nattributes\x18\x03 \x03(\x0b\x32\".streamrec.v1.Item.AttributesEntry\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x0f\n\x07\x64\x65leted\x18\x05 \x01(\x08\x12\x14\n\x0cinteractions\x18\x06 \x01(\x04\x12\x12\n\npopularity\x18\x07 \x01(\x01\x12\x15\n\rlast_event_ms\x18\x08 \x01(\x03\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.streamrec.v1.Item\"L\n\x13UpsertItemsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x13\n\x0b\x64urable_seq\x18\x03 \x01(\x04\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"N\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x11\n\tnot_found\x18\x02 \x03(\t\x12\x13\n\x0b\x64urable_seq\x18\x03 \x01(\x04\"M\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x19\n\x11include_embedding\x18\x02 \x01(\x08\x12\x0f\n\x07min_seq\x18\x03 \x01(\x04\"d\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x19\n\x11include_embedding\x18\x02 \x01(\x08\x12\x15\n\rhistory_limit\x18\x03 \x01(\r\x12\x0f\n\x07min_seq\x18\x04 \x01(\x04\"k\n\x0cHistoryEntry\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.streamrec.v1.EventType\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"\x97\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12+\n\x07history\x18\x03 \x03(\x0b\x32\x1a.streamrec.v1.HistoryEntry\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x04\x12\x12\n\nseen_items\x18\x05 \x01(\x04\x12\x15\n\rlast_event_ms\x18\x06 \x01(\x03\"$\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"@\n\x12\x46orgetUserResponse\x12\x15\n\revents_erased\x18\x01 \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x04\"\x1f\n\x0cStatsRequest\x12\x0f\n\x07min_seq\x18\x01 \x01(\x04\"3\n\x13LoadRerankerRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06unload\x18\x02 \x01(\x08\"\xb9\x02\n\x0cRerankerInfo\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\r\x12\x14\n\x0c\x66\x65\x61ture_spec\x18\x06 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_candidates\x18\x07 \x01(\r\x12\x12\n\nby_default\x18\x08 \x01(\x08\x12\x14\n\x0cloaded_at_ms\x18\t \x01(\x03\x12\r\n\x05swaps\x18\n \x01(\x04\x12\x0f\n\x07refused\x18\x0b \x01(\x04\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x19\n\x11reranked_requests\x18\r \x01(\x04\x12\x16\n\x0e\x66\x61iled_batches\x18\x0e \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x0f \x01(\x04\"\xa1\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\r\x12\x1c\n\x14max_events_per_batch\x18\x02 \x01(\r\x12\x1e\n\x16max_requests_per_batch\x18\x03 \x01(\r\x12\x16\n\x0emax_filter_ids\x18\x04 \x01(\r\x12\x14\n\x0cmax_id_bytes\x18\x05 \x01(\r\x12\x1c\n\x14max_items_per_upsert\x18\x06 \x01(\r\"\x9e\x05\n\rStatsResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\r\n\x05items\x18\x02 \x01(\x04\x12\x15\n\rdeleted_items\x18\x03 \x01(\x04\x12\r\n\x05users\x18\x04 \x01(\x04\x12\x12\n\nlog_events\x18\x05 \x01(\x04\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x16\n\x0e\x63heckpoint_seq\x18\x07 \x01(\x04\x12)\n\tserved_by\x18\x08 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12$\n\x06limits\x18\n \x01(\x0b\x32\x14.streamrec.v1.Limits\x12\x17\n\x0f\x65vents_accepted\x18\x0b \x01(\x04\x12\x17\n\x0f\x65vents_rejected\x18\x0c \x01(\x04\x12\x18\n\x10\x65vents_duplicate\x18\r \x01(\x04\x12\x17\n\x0frecommendations\x18\x0e \x01(\x04\x12\x10\n\x08\x64\x61ta_dir\x18\x0f \x01(\t\x12S\n\x15recommend_batch_sizes\x18\x10 \x03(\x0b\x32\x34.streamrec.v1.StatsResponse.RecommendBatchSizesEntry\x12\x19\n\x11recommend_batches\x18\x11 \x01(\x04\x12\x13\n\x0bwrite_queue\x18\x12 \x01(\r\x12,\n\x08reranker\x18\x13 \x01(\x0b\x32\x1a.streamrec.v1.RerankerInfo\x12\x0c\n\x04role\x18\x14 \x01(\t\x12\x10\n\x08replicas\x18\x15 \x01(\r\x12\x17\n\x0freplica_reloads\x18\x16 \x01(\x04\x12\x0b\n\x03pid\x18\x17 \x01(\r\x1a:\n\x18RecommendBatchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x94\x04\n\x0e\x43\x61talogService\x12R\n\x0bUpsertItems\x12 .streamrec.v1.UpsertItemsRequest\x1a!.streamrec.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .streamrec.v1.DeleteItemsRequest\x1a!.streamrec.v1.DeleteItemsResponse\x12;\n\x07GetItem\x12\x1c.streamrec.v1.GetItemRequest\x1a\x12.streamrec.v1.Item\x12;\n\x07GetUser\x12\x1c.streamrec.v1.GetUserRequest\x1a\x12.streamrec.v1.User\x12O\n\nForgetUser\x12\x1f.streamrec.v1.ForgetUserRequest\x1a .streamrec.v1.ForgetUserResponse\x12@\n\x05Stats\x12\x1a.streamrec.v1.StatsRequest\x1a\x1b.streamrec.v1.StatsResponse\x12M\n\x0cLoadReranker\x12!.streamrec.v1.LoadRerankerRequest\x1a\x1a.streamrec.v1.RerankerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astreamrec/v1/catalog.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"\xfb\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x36\n\nattributes\x18\x03 \x03(\x0b\x32\".streamrec.v1.Item.AttributesEntry\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x0f\n\x07\x64\x65leted\x18\x05 \x01(\x08\x12\x14\n\x0cinteractions\x18\x06 \x01(\x04\x12\x12\n\npopularity\x18\x07 \x01(\x01\x12\x15\n\rlast_event_ms\x18\x08 \x01(\x03\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.streamrec.v1.Item\"\\\n\x13UpsertItemsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x13\n\x0b\x64urable_seq\x18\x03 \x01(\x04\x12\x0e\n\x06log_id\x18\x04 \x01(\t\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"^\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x11\n\tnot_found\x18\x02 \x03(\t\x12\x13\n\x0b\x64urable_seq\x18\x03 \x01(\x04\x12\x0e\n\x06log_id\x18\x04 \x01(\t\"]\n\x0eGetItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x19\n\x11include_embedding\x18\x02 \x01(\x08\x12\x0f\n\x07min_seq\x18\x03 \x01(\x04\x12\x0e\n\x06log_id\x18\x04 \x01(\t\"t\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x19\n\x11include_embedding\x18\x02 \x01(\x08\x12\x15\n\rhistory_limit\x18\x03 \x01(\r\x12\x0f\n\x07min_seq\x18\x04 \x01(\x04\x12\x0e\n\x06log_id\x18\x05 \x01(\t\"k\n\x0cHistoryEntry\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.streamrec.v1.EventType\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"\x97\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12+\n\x07history\x18\x03 \x03(\x0b\x32\x1a.streamrec.v1.HistoryEntry\x12\x13\n\x0b\x65vent_count\x18\x04 \x01(\x04\x12\x12\n\nseen_items\x18\x05 \x01(\x04\x12\x15\n\rlast_event_ms\x18\x06 \x01(\x03\"$\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"P\n\x12\x46orgetUserResponse\x12\x15\n\revents_erased\x18\x01 \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x02 \x01(\x04\x12\x0e\n\x06log_id\x18\x03 \x01(\t\"/\n\x0cStatsRequest\x12\x0f\n\x07min_seq\x18\x01 \x01(\x04\x12\x0e\n\x06log_id\x18\x02 \x01(\t\"3\n\x13LoadRerankerRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06unload\x18\x02 \x01(\x08\"\xb9\x02\n\x0cRerankerInfo\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\r\x12\x14\n\x0c\x66\x65\x61ture_spec\x18\x06 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_candidates\x18\x07 \x01(\r\x12\x12\n\nby_default\x18\x08 \x01(\x08\x12\x14\n\x0cloaded_at_ms\x18\t \x01(\x03\x12\r\n\x05swaps\x18\n \x01(\x04\x12\x0f\n\x07refused\x18\x0b \x01(\x04\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x19\n\x11reranked_requests\x18\r \x01(\x04\x12\x16\n\x0e\x66\x61iled_batches\x18\x0e \x01(\x04\x12\x13\n\x0b\x64urable_seq\x18\x0f \x01(\x04\"\xa1\x01\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\r\x12\x1c\n\x14max_events_per_batch\x18\x02 \x01(\r\x12\x1e\n\x16max_requests_per_batch\x18\x03 \x01(\r\x12\x16\n\x0emax_filter_ids\x18\x04 \x01(\r\x12\x14\n\x0cmax_id_bytes\x18\x05 \x01(\r\x12\x1c\n\x14max_items_per_upsert\x18\x06 \x01(\r\"\x9e\x05\n\rStatsResponse\x12\x0b\n\x03\x64im\x18\x01 \x01(\r\x12\r\n\x05items\x18\x02 \x01(\x04\x12\x15\n\rdeleted_items\x18\x03 \x01(\x04\x12\r\n\x05users\x18\x04 \x01(\x04\x12\x12\n\nlog_events\x18\x05 \x01(\x04\x12\x10\n\x08last_seq\x18\x06 \x01(\x04\x12\x16\n\x0e\x63heckpoint_seq\x18\x07 \x01(\x04\x12)\n\tserved_by\x18\x08 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12$\n\x06limits\x18\n \x01(\x0b\x32\x14.streamrec.v1.Limits\x12\x17\n\x0f\x65vents_accepted\x18\x0b \x01(\x04\x12\x17\n\x0f\x65vents_rejected\x18\x0c \x01(\x04\x12\x18\n\x10\x65vents_duplicate\x18\r \x01(\x04\x12\x17\n\x0frecommendations\x18\x0e \x01(\x04\x12\x10\n\x08\x64\x61ta_dir\x18\x0f \x01(\t\x12S\n\x15recommend_batch_sizes\x18\x10 \x03(\x0b\x32\x34.streamrec.v1.StatsResponse.RecommendBatchSizesEntry\x12\x19\n\x11recommend_batches\x18\x11 \x01(\x04\x12\x13\n\x0bwrite_queue\x18\x12 \x01(\r\x12,\n\x08reranker\x18\x13 \x01(\x0b\x32\x1a.streamrec.v1.RerankerInfo\x12\x0c\n\x04role\x18\x14 \x01(\t\x12\x10\n\x08replicas\x18\x15 \x01(\r\x12\x17\n\x0freplica_reloads\x18\x16 \x01(\x04\x12\x0b\n\x03pid\x18\x17 \x01(\r\x1a:\n\x18RecommendBatchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x94\x04\n\x0e\x43\x61talogService\x12R\n\x0bUpsertItems\x12 .streamrec.v1.UpsertItemsRequest\x1a!.streamrec.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .streamrec.v1.DeleteItemsRequest\x1a!.streamrec.v1.DeleteItemsResponse\x12;\n\x07GetItem\x12\x1c.streamrec.v1.GetItemRequest\x1a\x12.streamrec.v1.Item\x12;\n\x07GetUser\x12\x1c.streamrec.v1.GetUserRequest\x1a\x12.streamrec.v1.User\x12O\n\nForgetUser\x12\x1f.streamrec.v1.ForgetUserRequest\x1a .streamrec.v1.ForgetUserResponse\x12@\n\x05Stats\x12\x1a.streamrec.v1.StatsRequest\x1a\x1b.streamrec.v1.StatsResponse\x12M\n\x0cLoadReranker\x12!.streamrec.v1.LoadRerankerRequest\x1a\x1a.streamrec.v1.RerankerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTITEMSREQUEST']._serialized_start=325
   _globals['_UPSERTITEMSREQUEST']._serialized_end=380
   _globals['_UPSERTITEMSRESPONSE']._serialized_start=382
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=458
-  _globals['_DELETEITEMSREQUEST']._serialized_start=460
-  _globals['_DELETEITEMSREQUEST']._serialized_end=498
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=500
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=578
-  _globals['_GETITEMREQUEST']._serialized_start=580
-  _globals['_GETITEMREQUEST']._serialized_end=657
-  _globals['_GETUSERREQUEST']._serialized_start=659
-  _globals['_GETUSERREQUEST']._serialized_end=759
-  _globals['_HISTORYENTRY']._serialized_start=761
-  _globals['_HISTORYENTRY']._serialized_end=868
-  _globals['_USER']._serialized_start=871
-  _globals['_USER']._serialized_end=1022
-  _globals['_FORGETUSERREQUEST']._serialized_start=1024
-  _globals['_FORGETUSERREQUEST']._serialized_end=1060
-  _globals['_FORGETUSERRESPONSE']._serialized_start=1062
-  _globals['_FORGETUSERRESPONSE']._serialized_end=1126
-  _globals['_STATSREQUEST']._serialized_start=1128
-  _globals['_STATSREQUEST']._serialized_end=1159
-  _globals['_LOADRERANKERREQUEST']._serialized_start=1161
-  _globals['_LOADRERANKERREQUEST']._serialized_end=1212
-  _globals['_RERANKERINFO']._serialized_start=1215
-  _globals['_RERANKERINFO']._serialized_end=1528
-  _globals['_LIMITS']._serialized_start=1531
-  _globals['_LIMITS']._serialized_end=1692
-  _globals['_STATSRESPONSE']._serialized_start=1695
-  _globals['_STATSRESPONSE']._serialized_end=2365
-  _globals['_STATSRESPONSE_RECOMMENDBATCHSIZESENTRY']._serialized_start=2307
-  _globals['_STATSRESPONSE_RECOMMENDBATCHSIZESENTRY']._serialized_end=2365
-  _globals['_CATALOGSERVICE']._serialized_start=2368
-  _globals['_CATALOGSERVICE']._serialized_end=2900
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=474
+  _globals['_DELETEITEMSREQUEST']._serialized_start=476
+  _globals['_DELETEITEMSREQUEST']._serialized_end=514
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=516
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=610
+  _globals['_GETITEMREQUEST']._serialized_start=612
+  _globals['_GETITEMREQUEST']._serialized_end=705
+  _globals['_GETUSERREQUEST']._serialized_start=707
+  _globals['_GETUSERREQUEST']._serialized_end=823
+  _globals['_HISTORYENTRY']._serialized_start=825
+  _globals['_HISTORYENTRY']._serialized_end=932
+  _globals['_USER']._serialized_start=935
+  _globals['_USER']._serialized_end=1086
+  _globals['_FORGETUSERREQUEST']._serialized_start=1088
+  _globals['_FORGETUSERREQUEST']._serialized_end=1124
+  _globals['_FORGETUSERRESPONSE']._serialized_start=1126
+  _globals['_FORGETUSERRESPONSE']._serialized_end=1206
+  _globals['_STATSREQUEST']._serialized_start=1208
+  _globals['_STATSREQUEST']._serialized_end=1255
+  _globals['_LOADRERANKERREQUEST']._serialized_start=1257
+  _globals['_LOADRERANKERREQUEST']._serialized_end=1308
+  _globals['_RERANKERINFO']._serialized_start=1311
+  _globals['_RERANKERINFO']._serialized_end=1624
+  _globals['_LIMITS']._serialized_start=1627
+  _globals['_LIMITS']._serialized_end=1788
+  _globals['_STATSRESPONSE']._serialized_start=1791
+  _globals['_STATSRESPONSE']._serialized_end=2461
+  _globals['_STATSRESPONSE_RECOMMENDBATCHSIZESENTRY']._serialized_start=2403
+  _globals['_STATSRESPONSE_RECOMMENDBATCHSIZESENTRY']._serialized_end=2461
+  _globals['_CATALOGSERVICE']._serialized_start=2464
+  _globals['_CATALOGSERVICE']._serialized_end=2996
 # @@protoc_insertion_point(module_scope)

@@ -41,14 +41,16 @@ class UpsertItemsRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
 
 class UpsertItemsResponse(_message.Message):
-    __slots__ = ("created", "updated", "durable_seq")
+    __slots__ = ("created", "updated", "durable_seq", "log_id")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     created: int
     updated: int
     durable_seq: int
-    def __init__(self, created: _Optional[int] = ..., updated: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, created: _Optional[int] = ..., updated: _Optional[int] = ..., durable_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class DeleteItemsRequest(_message.Message):
     __slots__ = ("item_ids",)
@@ -57,36 +59,42 @@ class DeleteItemsRequest(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteItemsResponse(_message.Message):
-    __slots__ = ("deleted", "not_found", "durable_seq")
+    __slots__ = ("deleted", "not_found", "durable_seq", "log_id")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     not_found: _containers.RepeatedScalarFieldContainer[str]
     durable_seq: int
-    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., durable_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class GetItemRequest(_message.Message):
-    __slots__ = ("item_id", "include_embedding", "min_seq")
+    __slots__ = ("item_id", "include_embedding", "min_seq", "log_id")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     include_embedding: bool
     min_seq: int
-    def __init__(self, item_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, item_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class GetUserRequest(_message.Message):
-    __slots__ = ("user_id", "include_embedding", "history_limit", "min_seq")
+    __slots__ = ("user_id", "include_embedding", "history_limit", "min_seq", "log_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HISTORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     include_embedding: bool
     history_limit: int
     min_seq: int
-    def __init__(self, user_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., history_limit: _Optional[int] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, user_id: _Optional[str] = ..., include_embedding: _Optional[bool] = ..., history_limit: _Optional[int] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("item_id", "type", "value", "timestamp_ms")
@@ -123,18 +131,22 @@ class ForgetUserRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ...) -> None: ...
 
 class ForgetUserResponse(_message.Message):
-    __slots__ = ("events_erased", "durable_seq")
+    __slots__ = ("events_erased", "durable_seq", "log_id")
     EVENTS_ERASED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     events_erased: int
     durable_seq: int
-    def __init__(self, events_erased: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, events_erased: _Optional[int] = ..., durable_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("min_seq",)
+    __slots__ = ("min_seq", "log_id")
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     min_seq: int
-    def __init__(self, min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class LoadRerankerRequest(_message.Message):
     __slots__ = ("path", "unload")

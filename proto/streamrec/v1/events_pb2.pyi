@@ -44,17 +44,19 @@ class EventRejection(_message.Message):
     def __init__(self, index: _Optional[int] = ..., event_id: _Optional[str] = ..., field: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EventAck(_message.Message):
-    __slots__ = ("batch_id", "accepted", "duplicates", "rejections", "durable_seq", "first_seq")
+    __slots__ = ("batch_id", "accepted", "duplicates", "rejections", "durable_seq", "log_id", "first_seq")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     accepted: int
     duplicates: int
     rejections: _containers.RepeatedCompositeFieldContainer[EventRejection]
     durable_seq: int
+    log_id: str
     first_seq: int
-    def __init__(self, batch_id: _Optional[str] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ..., durable_seq: _Optional[int] = ..., first_seq: _Optional[int] = ...) -> None: ...
+    def __init__(self, batch_id: _Optional[str] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[EventRejection, _Mapping]]] = ..., durable_seq: _Optional[int] = ..., log_id: _Optional[str] = ..., first_seq: _Optional[int] = ...) -> None: ...

@@ -16,7 +16,7 @@ class RerankOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq")
+    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq", "log_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class RecommendRequest(_message.Message):
     EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     k: int
@@ -35,7 +36,8 @@ class RecommendRequest(_message.Message):
     exclude_categories: _containers.RepeatedScalarFieldContainer[str]
     rerank: RerankOptions
     min_seq: int
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -64,12 +66,14 @@ class RecommendResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., strategy: _Optional[str] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
-    __slots__ = ("requests", "min_seq")
+    __slots__ = ("requests", "min_seq", "log_id")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
     min_seq: int
-    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class RecommendBatchResponse(_message.Message):
     __slots__ = ("responses",)
@@ -78,20 +82,22 @@ class RecommendBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[RecommendResponse, _Mapping]]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("request_id", "item_id", "k", "include_categories", "exclude_categories", "min_seq")
+    __slots__ = ("request_id", "item_id", "k", "include_categories", "exclude_categories", "min_seq", "log_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     item_id: str
     k: int
     include_categories: _containers.RepeatedScalarFieldContainer[str]
     exclude_categories: _containers.RepeatedScalarFieldContainer[str]
     min_seq: int
-    def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    log_id: str
+    def __init__(self, request_id: _Optional[str] = ..., item_id: _Optional[str] = ..., k: _Optional[int] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
     __slots__ = ("request_id", "item_id", "items", "served_by", "server_latency_us")
