@@ -32,7 +32,8 @@ on the machine) and deploy() then joins that Serve instance, with the same gRPC 
              Ratios are Serve / direct, "+ms" is Serve minus direct. Beside the latency: the server-side cores
              busy during the measured window (direct: the replica process; Serve: every Ray process, i.e. the
              gRPC proxy, the replica actor, the controller, raylet, GCS and Ray's agents) and CPU ms per call.
-             Ray's own background CPU with no load at all is measured first ("idle").
+             The cores each side keeps busy with no load at all are measured first ("idle": Ray's background
+             work, about 0.1 core here) and taken off before dividing by the calls (CPU per call net of idle).
 2. snapshot  time for a fresh remote replica to copy the primary's state: from process start to SERVING (start of
              the interpreter, imports, Snapshot over the ReplicationService, recovery into its own LMDB copy) and
              the replica's own log line "remote replica: snapshot at seq N (I items, U users) copied in X ms"
@@ -43,8 +44,10 @@ on the machine) and deploy() then joins that Serve instance, with the same gRPC 
              tester, events scenario, 10 events per message, open loop) offers --lag-rate events/s to the
              primary while a prober publishes one event at a time and, from the moment its ack arrives, polls a
              replica (Recommend of an unknown user, min_seq 0, rerank off) until served_by.applied_seq reaches
-             the ack's durable_seq. Probes alternate between the direct replica and the Serve replica (polled
-             through the ingress), so both see the same writes. Resolution: one poll round trip ("poll rtt").
+             the ack's durable_seq. One window for the direct replica, then one for the Serve replica (polled
+             through the ingress), each under the same writer load; both replicas follow the log and apply every
+             write in both windows. Resolution: one poll round trip ("poll rtt"); "1st poll" is the share of
+             probes already applied when the first poll answered (their lag is below one poll round trip).
 
 The 2-core caveat. Nothing is pinned: the load tester, the primary, both replicas and Ray's processes (proxy,
 controller, raylet, GCS, agents) share the same two cores. Serve's path has more processes on them (the proxy
@@ -318,10 +321,11 @@ class RayServe:
         if self.started:
             import ray
             from ray import serve
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            with output_to(self.data_root.parent / "ray-shutdown.log", fd=1):
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
             self.started = False
         shutil.rmtree(self.data_root, ignore_errors=True)
 
@@ -431,11 +435,14 @@ class CpuSampler:
         return self.cores
 
 
-def idle_cores(pids: list[int], seconds: float) -> float:
+def idle_cores(groups: dict[str, list[int]], seconds: float) -> dict[str, float]:
+    """Cores busy per group of processes over one window with no load."""
+    pids = [pid for group in groups.values() for pid in group]
     before, t0 = {pid: cpu_seconds(pid) for pid in pids}, time.monotonic()
     time.sleep(seconds)
     after, t1 = {pid: cpu_seconds(pid) for pid in pids}, time.monotonic()
-    return sum(after[p] - before[p] for p in pids if before[p] is not None and after[p] is not None) / (t1 - t0)
+    return {name: sum(after[p] - before[p] for p in group if before[p] is not None and after[p] is not None) / (t1 - t0)
+            for name, group in groups.items()}
 
 
 def ms_summary(seconds: list[float]) -> dict:
@@ -485,7 +492,7 @@ def one_load(target: Target, kind: str, value: float, plan: Plan) -> dict:
             "server_cpu_ms_per_call": cores / calls * 1e3 if cores and calls else None}
 
 
-def measure_overhead(plan: Plan, direct: Target, serve: Target) -> list[dict]:
+def measure_overhead(plan: Plan, direct: Target, serve: Target, idle: dict[str, float]) -> list[dict]:
     rows = []
     for index, (kind, value) in enumerate(loads(plan)):
         runs: dict[str, list[dict]] = {"direct": [], "serve": []}
@@ -495,13 +502,14 @@ def measure_overhead(plan: Plan, direct: Target, serve: Target) -> list[dict]:
                 run = one_load(target, kind, value, plan)
                 run["round"], run["order"] = round_number, [t.name for t in order].index(target.name)
                 runs[target.name].append(run)
-        rows.append(overhead_row(kind, value, runs))
+        rows.append(overhead_row(kind, value, runs, idle))
         print(format_overhead_row(rows[-1]), flush=True)
     return rows
 
 
-def side(runs: list[dict]) -> dict:
-    """One target's figures for a load: the mean over rounds."""
+def side(runs: list[dict], idle_cores: float) -> dict:
+    """One target's figures for a load: the mean over rounds. CPU per call net of idle: the cores its processes
+    keep busy with no load (Ray's background work) taken off first, so low rates are not charged for it."""
     def latency(key):
         return mean(r["latency_ms"].get(key) if r["latency_ms"] else None for r in runs)
 
@@ -509,11 +517,14 @@ def side(runs: list[dict]) -> dict:
             "p999_ms": latency("p99.9"), "errors": sum(r["errors"] for r in runs),
             "error_rate": max(r["error_rate"] for r in runs),
             "server_cores_busy": mean(r["server_cores_busy"] for r in runs),
-            "server_cpu_ms_per_call": mean(r["server_cpu_ms_per_call"] for r in runs)}
+            "server_cpu_ms_per_call": mean(r["server_cpu_ms_per_call"] for r in runs),
+            "server_cpu_ms_per_call_net_of_idle": mean(
+                (r["server_cores_busy"] - idle_cores) / r["calls_per_s"] * 1e3
+                if r["server_cores_busy"] is not None and r["calls_per_s"] else None for r in runs)}
 
 
-def overhead_row(kind: str, value: float, runs: dict[str, list[dict]]) -> dict:
-    d, s = side(runs["direct"]), side(runs["serve"])
+def overhead_row(kind: str, value: float, runs: dict[str, list[dict]], idle: dict[str, float]) -> dict:
+    d, s = side(runs["direct"], idle["direct_cores_busy"]), side(runs["serve"], idle["ray_cores_busy"])
 
     def diff(key):
         return s[key] - d[key] if s[key] is not None and d[key] is not None else None
@@ -524,11 +535,13 @@ def overhead_row(kind: str, value: float, runs: dict[str, list[dict]]) -> dict:
             "p50_added_ms": diff("p50_ms"), "p99_added_ms": diff("p99_ms"),
             "throughput_ratio": ratio(s["calls_per_s"], d["calls_per_s"]),
             "cpu_per_call_ratio": ratio(s["server_cpu_ms_per_call"], d["server_cpu_ms_per_call"]),
+            "cpu_per_call_net_of_idle_ratio": ratio(s["server_cpu_ms_per_call_net_of_idle"],
+                                                    d["server_cpu_ms_per_call_net_of_idle"]),
             "runs": runs["direct"] + runs["serve"]}
 
 
 OVERHEAD_HEADER = (f"{'load':<13} {'calls/s d / S':>15} {'p50 ms d / S':>15} {'ratio':>6} {'+ms':>6}  "
-                   f"{'p99 ms d / S':>15} {'ratio':>6} {'+ms':>6}  {'CPU ms/call d / S':>17} {'ratio':>6} {'errors':>8}")
+                   f"{'p99 ms d / S':>15} {'ratio':>6} {'+ms':>6}  {'CPU ms/call* d / S':>18} {'ratio':>6} {'errors':>8}")
 
 
 def format_overhead_row(r: dict) -> str:
@@ -536,8 +549,9 @@ def format_overhead_row(r: dict) -> str:
     return (f"{r['load']:<13} {fmt(d['calls_per_s'], ',.0f'):>7} / {fmt(s['calls_per_s'], ',.0f'):<5} "
             f"{fmt(d['p50_ms']):>7} / {fmt(s['p50_ms']):<5} {fmt(r['p50_ratio']):>6} {fmt(r['p50_added_ms']):>6}  "
             f"{fmt(d['p99_ms']):>7} / {fmt(s['p99_ms']):<5} {fmt(r['p99_ratio']):>6} {fmt(r['p99_added_ms']):>6}  "
-            f"{fmt(d['server_cpu_ms_per_call'], '.3f'):>8} / {fmt(s['server_cpu_ms_per_call'], '.3f'):<6} "
-            f"{fmt(r['cpu_per_call_ratio']):>6} {d['errors']:>3} / {s['errors']:<3}")
+            f"{fmt(d['server_cpu_ms_per_call_net_of_idle'], '.3f'):>8} / "
+            f"{fmt(s['server_cpu_ms_per_call_net_of_idle'], '.3f'):<7} {fmt(r['cpu_per_call_net_of_idle_ratio']):>6} "
+            f"{d['errors']:>3} / {s['errors']:<3}")
 
 
 # --- 2. snapshot --------------------------------------------------------------------------------------------------
@@ -617,26 +631,29 @@ def probe_lag(primary: StreamrecClient, targets: list[Target], watch: WindowWatc
 
 
 def measure_lag(plan: Plan, primary: ServerProcess, targets: list[Target]) -> list[dict]:
+    """One window per target, the same writer load each time (both replicas follow the log and apply every
+    write throughout; only the probes move), so the direct replica's probes do not wait behind Serve's polls."""
     events_per_message = 10
+    rows = []
     with StreamrecClient(primary.address, timeout_s=10.0, consistency="eventual") as client:
         item = client.recommend("nobody-yet", k=1).items[0].item_id
-        args = ["--scenario", "events", "--rate", str(plan.lag_rate / events_per_message), "--processes", "1",
-                "--events-per-message", str(events_per_message), "--warmup", "1", "--duration", str(plan.lag_seconds)]
-        watch, probes = WindowWatch(1.0, plan.lag_seconds), {}
-        prober = threading.Thread(target=probe_lag, args=(client, targets, watch, item, probes), daemon=True)
-        prober.start()
-        report = run_load(primary.address, (), args, watch)
-        prober.join(60)
-    if not probes:
-        raise RuntimeError("the lag prober failed (its traceback is in the stderr log in --work-dir)")
-    achieved = report["events"]["accepted"] / report["duration_s"]
-    rows = []
-    for target in targets:
-        rows.append({"replica": target.name, "offered_events_per_s": plan.lag_rate, "achieved_events_per_s": achieved,
-                     "writer_errors": report["errors"], "writer_errors_by_code": report["errors_by_code"],
-                     "writer_error_rate": report["error_rate"], "writer_ack_ms": report["event_ack_lag_ms"],
-                     **probes[target.name]})
-        print(format_lag_row(rows[-1]), flush=True)
+        for target in targets:
+            args = ["--scenario", "events", "--rate", str(plan.lag_rate / events_per_message), "--processes", "1",
+                    "--events-per-message", str(events_per_message), "--warmup", "1",
+                    "--duration", str(plan.lag_seconds)]
+            watch, probes = WindowWatch(1.0, plan.lag_seconds), {}
+            prober = threading.Thread(target=probe_lag, args=(client, [target], watch, item, probes), daemon=True)
+            prober.start()
+            report = run_load(primary.address, (), args, watch)
+            prober.join(60)
+            if target.name not in probes:
+                raise RuntimeError("the lag prober failed (its traceback is in the stderr log in --work-dir)")
+            rows.append({"replica": target.name, "offered_events_per_s": plan.lag_rate,
+                         "achieved_events_per_s": report["events"]["accepted"] / report["duration_s"],
+                         "writer_errors": report["errors"], "writer_errors_by_code": report["errors_by_code"],
+                         "writer_error_rate": report["error_rate"], "writer_ack_ms": report["event_ack_lag_ms"],
+                         **probes[target.name]})
+            print(format_lag_row(rows[-1]), flush=True)
     return rows
 
 
@@ -665,8 +682,9 @@ def findings(results: dict) -> list[str]:
             lines.append(f"Serve ingress at {r['rate']:g} calls/s: p50 {fmt(d['p50_ms'])} -> {fmt(s['p50_ms'])} ms "
                          f"(+{fmt(r['p50_added_ms'])} ms, {fmt(r['p50_ratio'])}x), p99 {fmt(d['p99_ms'])} -> "
                          f"{fmt(s['p99_ms'])} ms (+{fmt(r['p99_added_ms'])} ms, {fmt(r['p99_ratio'])}x); server CPU "
-                         f"per call {fmt(d['server_cpu_ms_per_call'], '.3f')} -> "
-                         f"{fmt(s['server_cpu_ms_per_call'], '.3f')} ms ({fmt(r['cpu_per_call_ratio'])}x)"
+                         f"per call net of idle {fmt(d['server_cpu_ms_per_call_net_of_idle'], '.3f')} -> "
+                         f"{fmt(s['server_cpu_ms_per_call_net_of_idle'], '.3f')} ms "
+                         f"({fmt(r['cpu_per_call_net_of_idle_ratio'])}x)"
                          + ("; FAILED CALLS, see the rows" if failed else ""))
     closed = [r for r in rows if r["mode"] == "closed"]
     if closed:
@@ -690,7 +708,9 @@ def findings(results: dict) -> list[str]:
         lines.append(f"tail lag, {r['replica']} replica, {r['achieved_events_per_s']:,.0f} events/s: "
                      f"p50 {fmt(r['lag_ms']['p50'])} ms, p99 {fmt(r['lag_ms']['p99'])} ms (resolution: poll rtt "
                      f"{fmt(r['poll_rtt_ms']['p50'])} ms, {r['lag_ms']['n']} probes)"
-                     + (f"; {r['probe_errors']} probe errors" if r["probe_errors"] else ""))
+                     + (f"; {r['probe_errors']} probe errors" if r["probe_errors"] else "")
+                     + ("; nearly every probe was applied before its first poll answered: an upper bound"
+                        if (r["first_poll_fresh"] or 0) > 0.9 else ""))
     return lines
 
 
@@ -725,18 +745,20 @@ def parse_args() -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def stderr_to(path: Path):
+def output_to(path: Path, fd: int = 2):
     """The load tester's client processes and Ray's processes inherit this process's stderr (grpc.aio prints a
-    traceback per failed request, the raylet prints as it shuts down): it goes to a file meanwhile."""
+    traceback per failed request), and Ray prints its shutdown chatter on stdout: it goes to a file meanwhile."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = os.dup(fd)
     with open(path, "ab") as log:
-        os.dup2(log.fileno(), 2)
+        os.dup2(log.fileno(), fd)
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(saved, 2)
+        os.dup2(saved, fd)
         os.close(saved)
 
 
@@ -774,7 +796,7 @@ def main() -> int:
     results: dict = {}
     try:
         template = seeded_template(args.work_dir)
-        with stderr_to(args.work_dir / "stderr.log"):
+        with output_to(args.work_dir / "stderr.log"):
             run_sections(args, plan, template, results, meta)
     except BaseException as error:  # the sections done so far are still worth keeping
         meta["interrupted_by"] = repr(error)
@@ -840,16 +862,17 @@ def run_sections(args, plan: Plan, template: Path, results: dict, meta: dict) ->
         warm_up([direct, served])
 
         if "overhead" in args.only:
-            idle = {"seconds": plan.idle_seconds, "ray_processes": len(ray_pids(servers)),
-                    "ray_cores_busy": idle_cores(ray_pids(servers), plan.idle_seconds),
-                    "direct_cores_busy": idle_cores([direct_replica.proc.pid], plan.idle_seconds)}
+            groups = {"ray": ray_pids(servers), "direct": [direct_replica.proc.pid], "primary": [primary.proc.pid]}
+            busy = idle_cores(groups, plan.idle_seconds)
+            idle = {"seconds": plan.idle_seconds, "ray_processes": len(groups["ray"]), "ray_cores_busy": busy["ray"],
+                    "direct_cores_busy": busy["direct"], "primary_cores_busy": busy["primary"]}
             print(f"\n== 1. Serve ingress vs the replica called directly: Recommend, retrieval only ({DATASET}, dim "
                   f"{DIM}, k 10), 1 replica each, {plan.seconds:g} s per load, {plan.rounds} round(s)\n"
                   f"idle: Ray's {idle['ray_processes']} processes {idle['ray_cores_busy']:.2f} cores busy, the "
                   f"direct replica {idle['direct_cores_busy']:.3f}\n"
-                  f"(d = direct replica, S = through Serve; ratio S / d; +ms S - d; CPU: the replica process vs "
-                  f"every Ray process)\n{OVERHEAD_HEADER}", flush=True)
-            results["overhead"] = {"idle": idle, "rows": measure_overhead(plan, direct, served)}
+                  f"(d = direct replica, S = through Serve; ratio S / d; +ms S - d; * server CPU per call net of idle:"
+                  f" the replica process vs every Ray process)\n{OVERHEAD_HEADER}", flush=True)
+            results["overhead"] = {"idle": idle, "rows": measure_overhead(plan, direct, served, idle)}
 
         if "lag" in args.only:
             print(f"\n== 3. Tail lag over the network path: event acked by the primary -> applied on the replica "

@@ -118,7 +118,7 @@ def deploy(primary: str, data_root: str, replicas: int = 2, grpc_port: int = 900
     return handle
 
 
-def wait_routable(proxy: str, timeout_s: float = 60.0) -> None:
+def wait_routable(proxy: str, timeout_s: float = 60.0, app: str = APPLICATION) -> None:
     """serve.run returns once the replicas run; the proxy learns the route a moment later."""
     from ray.serve.generated import serve_pb2, serve_pb2_grpc
 
@@ -127,10 +127,10 @@ def wait_routable(proxy: str, timeout_s: float = 60.0) -> None:
         stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
         while True:
             try:
-                if APPLICATION in stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=5).application_names:
+                if app in stub.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=5).application_names:
                     return
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Serve's proxy at {proxy} does not route {APPLICATION!r} after {timeout_s} s")
+                raise TimeoutError(f"Serve's proxy at {proxy} does not route {app!r} after {timeout_s} s")
             time.sleep(0.2)
