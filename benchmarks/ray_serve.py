@@ -290,10 +290,21 @@ class RayServe:
             logging.getLogger(name).setLevel(logging.WARNING)
         t0 = time.perf_counter()
         self.started = True  # from here on, stop() shuts down whatever came up
-        ray.init(num_cpus=len(MACHINE_CPUS), include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 object_store_memory=100 << 20,
-                 # INFO on the workers' root logger: the replica's snapshot line reaches its worker-*.err
-                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO"))
+        for attempt in (1, 2):
+            try:
+                # "local": a new instance of our own, never one that RAY_ADDRESS or /tmp/ray/ray_current_cluster
+                # names (other sessions on this machine run Ray too)
+                ray.init(address="local", num_cpus=len(MACHINE_CPUS), include_dashboard=False, log_to_driver=False,
+                         logging_level="WARNING", object_store_memory=100 << 20,
+                         # INFO on the workers' root logger: the replica's snapshot line reaches its worker-*.err
+                         logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO"))
+                break
+            except Exception as error:  # noqa: BLE001 - seen once: GCS not up in time while another Ray started
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+                print(f"ray.init failed ({error!r:.200}); retrying once", flush=True)
+                time.sleep(5)
         with contextlib.suppress(Exception):
             self.session_dir = Path(ray._private.worker._global_node.get_session_dir_path())
         t1 = time.perf_counter()
@@ -323,7 +334,8 @@ class RayServe:
             from ray import serve
             with output_to(self.data_root.parent / "ray-shutdown.log", fd=1):
                 try:
-                    serve.shutdown()
+                    if ray.is_initialized():  # else serve.shutdown() would start a Ray instance to shut down
+                        serve.shutdown()
                 finally:
                     ray.shutdown()
             self.started = False

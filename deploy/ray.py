@@ -19,6 +19,7 @@ whole life (README, "Ray"). RecommendStream and the event stream go to a streamr
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,7 @@ class RecommendReplica:
         rank = serve.get_replica_context().rank.rank
         metadata = [("authorization", f"Bearer {replication_token}")] if replication_token else []
         source = GrpcLogSource(primary_channel(primary, None), metadata)
-        data_dir = Path(data_root) / f"replica-{rank}" / "lmdb"
+        data_dir, self._lock = claim_copy(Path(data_root), rank)
         self.engine = Engine(data_dir, EngineConfig(**engine_options), EngineObserver(), source=source)
         holder = EngineHolder()
         holder.set(self.engine)
@@ -96,6 +97,23 @@ class RecommendReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+def claim_copy(data_root: Path, rank: int):
+    """The copy this replica keeps: its rank's (<data_root>/replica-<rank>), so a replica Serve restarts resumes
+    from it, unless another live process holds that one (during a rolling update the old replica of the rank
+    still runs): then the next free one (replica-<rank>.1, ...). Returns the store folder and the held lock."""
+    data_root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(64):
+        name = f"replica-{rank}" + (f".{attempt}" if attempt else "")
+        lock = open(data_root / f"{name}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when the process dies
+        except BlockingIOError:
+            lock.close()
+            continue
+        return data_root / name / "lmdb", lock
+    raise RuntimeError(f"no free replica copy for rank {rank} under {data_root}")
 
 
 def build_app(primary: str, data_root: str, replicas: int, engine_options: dict | None = None,

@@ -176,3 +176,4 @@ class EngineStats:
     replicas: int = 0  # on the primary: replicas registered for wake-ups
     replica_reloads: int = 0  # on a replica: reloads from a checkpoint after an erasure
     pid: int = 0  # the process that answered
+    snapshots_served: int = 0  # on the primary: snapshots copied by replicas on other machines

@@ -383,5 +383,6 @@ class Engine:
                 recommend_batches=self.batcher.histogram.batches, reranker=self.reranker_info(),
                 data_dir=str(self.data_dir), role=self.role,
                 replicas=self.wakeups.replicas if self.wakeups else 0,
-                replica_reloads=self.follower.reloads if self.follower else 0, pid=os.getpid(), **self.counters,
+                replica_reloads=self.follower.reloads if self.follower else 0, pid=os.getpid(),
+                snapshots_served=self.feed.snapshots_served if self.feed else 0, **self.counters,
             )

@@ -126,6 +126,7 @@ def stats_message(stats: EngineStats, limits: Limits) -> catalog_pb2.StatsRespon
         recommend_batch_sizes=stats.recommend_batch_sizes, recommend_batches=stats.recommend_batches,
         write_queue=stats.write_queue, reranker=reranker_info(stats.reranker), role=stats.role,
         replicas=stats.replicas, replica_reloads=stats.replica_reloads, pid=stats.pid,
+        snapshots_served=stats.snapshots_served,
     )
     set_served_by(response.served_by, stats.served_by)
     return response

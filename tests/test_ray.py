@@ -89,8 +89,10 @@ def _replica_actors() -> list[str]:
             if "RecommendReplica" in a["name"] and a["namespace"] == "serve"]
 
 
-def test_a_killed_replica_is_restarted_and_catches_up(primary, ingress):
+def test_a_killed_replica_is_restarted_and_catches_up_from_its_own_copy(primary, ingress):
     stub, _ = ingress
+    snapshots = primary.engine.stats().snapshots_served
+    assert snapshots == 2  # one per replica, at their first start
     victim = _replica_actors()[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     with StreamrecClient(primary.address) as writer:
@@ -101,6 +103,7 @@ def test_a_killed_replica_is_restarted_and_catches_up(primary, ingress):
         time.sleep(0.5)
     for _ in range(20):  # calls spread over both replicas, the new one included
         assert recommend(stub, "after-kill", ack.durable_seq).strategy == "personalized"
+    assert primary.engine.stats().snapshots_served == snapshots  # the new actor resumed from its rank's copy
 
 
 def test_a_replica_added_later_converges_bit_for_bit(primary, ingress, tmp_path_factory):
@@ -113,6 +116,9 @@ def test_a_replica_added_later_converges_bit_for_bit(primary, ingress, tmp_path_
         time.sleep(0.5)
     with StreamrecClient(primary.address) as writer:
         ack = writer.publish([make_event("late", f"i{n}", "purchase") for n in range(3)])
+    # The new rank copies a snapshot; redeploying replaces the other replicas too (a rolling update), and a
+    # replacement that starts while its rank's old replica still holds that copy takes a snapshot of its own.
+    assert primary.engine.stats().snapshots_served >= 3
     answers = {recommend(stub, "late", ack.durable_seq).SerializeToString(deterministic=True) for _ in range(40)}
     # Every replica answers the same bytes (items, scores bit for bit, applied seq) except the latency and the
     # embedding version, a count of this process's own applies (a replica from a snapshot counts fewer).

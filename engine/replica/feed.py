@@ -28,6 +28,7 @@ class LogFeed:
         self._readers = threading.Condition()
         self._active = 0
         self._closed = False
+        self.snapshots_served = 0  # a replica elsewhere copying everything: its first start, or an erasure
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -69,6 +70,7 @@ class LogFeed:
         with self._reading():
             watermark, items, users = self.store.load_checkpoint()
             meta = {key: value for key in _SHIPPED_META if (value := self.store.get_meta(key)) is not None}
+        self.snapshots_served += 1
         return SnapshotData(log_id, watermark, meta, [pack_item_for_transfer(i) for i in items],
                             [_pack_user(u) for u in users])
 
