@@ -2,6 +2,7 @@
 ingress, following an in-process primary over the ReplicationService (deploy/ray.py)."""
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -19,6 +20,8 @@ from streamrec.v1 import recommend_pb2, recommend_pb2_grpc  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROUTE = (("application", APPLICATION),)
+# CI seeds the synthetic catalog; STREAMREC_RAY_TEST_DATASET=ml-100k runs the same tests on MovieLens-100K.
+DATASET = os.environ.get("STREAMREC_RAY_TEST_DATASET", "synthetic")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def primary(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("ray-primary"))
+    server = start_server(tmp_path_factory.mktemp("ray-primary"), dataset=DATASET)
     yield server
     server.stop(grace_s=1.0)
 
@@ -48,6 +51,10 @@ def ingress(cluster, primary, tmp_path_factory):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield recommend_pb2_grpc.RecommendServiceStub(channel), port
     channel.close()
+
+
+def items(primary, n: int) -> list[str]:
+    return list(primary.engine.state.items.ids[:n])
 
 
 def recommend(stub, user: str, min_seq: int, attempts: int = 50) -> recommend_pb2.RecommendResponse:
@@ -66,7 +73,7 @@ def test_serve_ingress_reads_your_writes(primary, ingress):
     stub, _ = ingress
     with StreamrecClient(primary.address) as writer:
         for n in range(20):
-            ack = writer.publish([make_event(f"ray-{n}", f"i{n}", "purchase")])
+            ack = writer.publish([make_event(f"ray-{n}", items(primary, 20)[n], "purchase")])
             response = recommend(stub, f"ray-{n}", ack.durable_seq)
             assert response.served_by.applied_seq >= ack.durable_seq and response.strategy == "personalized"
 
@@ -96,7 +103,7 @@ def test_a_killed_replica_is_restarted_and_catches_up_from_its_own_copy(primary,
     victim = _replica_actors()[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     with StreamrecClient(primary.address) as writer:
-        ack = writer.publish([make_event("after-kill", "i4", "purchase")])
+        ack = writer.publish([make_event("after-kill", items(primary, 5)[4], "purchase")])
     deadline = time.monotonic() + 120
     while len(_replica_actors()) < 2 or victim in _replica_actors():
         assert time.monotonic() < deadline, "Serve did not replace the killed replica"
@@ -115,7 +122,7 @@ def test_a_replica_added_later_converges_bit_for_bit(primary, ingress, tmp_path_
         assert time.monotonic() < deadline, "the third replica did not start"
         time.sleep(0.5)
     with StreamrecClient(primary.address) as writer:
-        ack = writer.publish([make_event("late", f"i{n}", "purchase") for n in range(3)])
+        ack = writer.publish([make_event("late", item, "purchase") for item in items(primary, 3)])
     # The new rank copies a snapshot; redeploying replaces the other replicas too (a rolling update), and a
     # replacement that starts while its rank's old replica still holds that copy takes a snapshot of its own.
     assert primary.engine.stats().snapshots_served >= 3
