@@ -3,6 +3,13 @@ of issue 4 in one run. The protocol and the models live in streamrec.engine.offl
 the models, runs them on the same replay, prints the table, writes JSON and the rolling-HR plot, and with
 --served replays streamrec once more through a real `streamrec serve` subprocess (events on the
 bidirectional stream, acks awaited before the next Recommend) and checks it gives the same numbers.
+
+Peers: frozen ones (implicit ALS/BPR, the bootstrap, ALS refit every N events) and, since issue 19, fair online
+ones (streamrec.engine.offline.peers: iALS fold-in of the whole history, EASE, item-kNN, recent-window
+popularity), each tuned on the training part only. streamrec online is compared with every other model on the
+same evaluated events by a paired bootstrap of the NDCG@k and HR@k differences (resampling events, and
+resampling users, since one user's events are not independent) and McNemar's test on hits
+(streamrec.engine.offline.significance).
 """
 from __future__ import annotations
 
@@ -20,16 +27,23 @@ import numpy as np
 
 from streamrec.engine.api import Event
 from streamrec.engine.offline import evaluation as ev
-from streamrec.engine.offline import datasets
+from streamrec.engine.offline import datasets, peers, significance
 from streamrec.engine.offline.datasets import Dataset
 
-MODELS = ("popularity", "bootstrap", "online", "als", "bpr", "als-refit")
+MODELS = ("popularity", "recent-pop", "bootstrap", "online", "als", "bpr", "als-refit", "ials-foldin", "ease",
+          "itemknn")
+# The fair online peers (issue 19): every replay event learned, the user's whole history used at every step.
+ONLINE_PEERS = ("ials-foldin", "ease", "itemknn", "recent-pop")
 NAMES = {
     "popularity": "popularity",
+    "recent-pop": "recent popularity (online)",
     "bootstrap": "streamrec bootstrap (frozen)",
     "online": "streamrec online",
     "als": "implicit ALS (frozen)",
     "bpr": "implicit BPR (frozen)",
+    "ials-foldin": "iALS fold-in (online)",
+    "ease": "EASE (online history)",
+    "itemknn": "item-kNN (online history)",
 }
 SERVED_NAME = "streamrec online (served)"
 
@@ -54,10 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser, json_default: str | None = No
     parser.add_argument("--json", default=json_default, help="write the records here")
     parser.add_argument("--plot", default=plot_default, help="write a PNG of rolling HR@k over the replay here")
     parser.add_argument("--window", type=int, default=1000, help="rolling window of the plot, in evaluated events")
+    parser.add_argument("--resamples", type=int, default=10_000,
+                        help="paired bootstrap resamples for the significance of streamrec online vs each model")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="prequential HR@10/NDCG@10 of streamrec vs baselines and implicit")
+    parser = subparsers.add_parser(
+        "evaluate", help="prequential HR@10/NDCG@10 of streamrec vs baselines, frozen and online peers")
     add_arguments(parser)
 
 
@@ -68,6 +85,7 @@ class Report:
     served: ev.ReplayResult | None = None
     tuning: dict = field(default_factory=dict)
     setup_seconds: float = 0.0
+    significance: dict = field(default_factory=dict)  # model name -> significance.compare(online, model)
 
     def get(self, name: str) -> ev.ReplayResult | None:
         return next((r for r in self.results if r.model == name), None)
@@ -141,10 +159,10 @@ def evaluate(args, dataset: Dataset | None = None) -> Report:
     unknown = sorted(set(wanted) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    peers = [m for m in wanted if m in ("als", "bpr", "als-refit")]
-    if peers and (reason := ev.implicit_available()):
-        _say(f"skipping {', '.join(peers)}: {reason}")
-        wanted = [m for m in wanted if m not in peers]
+    needs_implicit = [m for m in wanted if m in ("als", "bpr", "als-refit", "ials-foldin")]
+    if needs_implicit and (reason := ev.implicit_available()):
+        _say(f"skipping {', '.join(needs_implicit)}: {reason}")
+        wanted = [m for m in wanted if m not in needs_implicit]
 
     started = time.perf_counter()
     dataset = dataset or datasets.load(args.dataset, args.seed)
@@ -203,7 +221,47 @@ def evaluate(args, dataset: Dataset | None = None) -> Report:
         if "als-refit" in wanted:
             report.results.append(replay(ev.ImplicitALSRefit(
                 train, catalog, report.tuning["als"]["chosen"], args.refit_every, args.seed, args.threads)))
+        run_online_peers(report, [m for m in ONLINE_PEERS if m in wanted], train, catalog, args, replay)
+    report.significance = paired_tests(report, events, args.k, args.resamples, args.seed)
     return report
+
+
+def run_online_peers(report: Report, keys: list[str], train: Dataset, catalog: ev.Catalog, args, replay) -> None:
+    """Tune each fair online peer on the training part (unless --no-tune), build it on the whole training part
+    and replay it like the others."""
+    build = peers.builders(catalog, args.seed, args.threads)
+    for key in keys:
+        params, info = peers.DEFAULTS[key], {"tuned": bool(args.tune)}
+        if args.tune:
+            t0 = time.perf_counter()
+            params, trials = peers.tune_peer(build[key], peers.GRIDS[key], train, catalog, args.k)
+            info.update(tuning_seconds=round(time.perf_counter() - t0, 1), tuning_trials=trials)
+            _say(f"tuned {NAMES[key]} on the last 10% of the training part ({len(trials)} settings, "
+                 f"{time.perf_counter() - t0:.0f} s): {params}")
+        report.tuning[key] = {"chosen": params, **{k: v for k, v in info.items() if k != "tuning_trials"}}
+        model = build[key](train, params)
+        model.name = NAMES[key]
+        result = replay(model)
+        result.details.update(info)
+        report.results.append(result)
+
+
+def paired_tests(report: Report, events: list[Event], k: int, resamples: int, seed: int) -> dict:
+    """streamrec online against every other model on the same evaluated events (see significance.py),
+    resampling events and, since one user's events are not independent, resampling users."""
+    online = report.get(NAMES["online"])
+    if online is None or resamples <= 0:
+        return {}
+    _, users = np.unique([events[p].user_id for p in online.positions], return_inverse=True)
+    tests = {}
+    for other in report.results:
+        if other is online:
+            continue
+        if not np.array_equal(other.positions, online.positions):  # the pairing needs the very same events
+            raise RuntimeError(f"{other.model} was evaluated on other events than {online.model}")
+        tests[other.model] = significance.compare(online.hits, online.gains, other.hits, other.gains, k,
+                                                  resamples, seed, users.ravel())
+    return tests
 
 
 def replay_served(folder: Path, events: list[Event], catalog: ev.Catalog, history, args) -> ev.ReplayResult:
@@ -256,6 +314,42 @@ def format_segments(report: Report, k: int) -> str:
     return "\n".join(lines)
 
 
+def _p(test: dict) -> str:
+    """A bootstrap p-value; at its floor (no resample on the other side of 0) shown as an upper bound."""
+    floor = 2.0 / (test["resamples"] + 1)
+    return f"<{floor:.4f}" if test["p_value"] <= floor * (1 + 1e-9) else f"{test['p_value']:.4f}"
+
+
+def format_significance(report: Report, k: int) -> str:
+    """Paired tests of streamrec online against each model, the fair online peers first: resampling events
+    (with McNemar on hits), then resampling users (wider, and the honest one when events cluster by user)."""
+    if not report.significance:
+        return ""
+    online_peers = {NAMES[key] for key in ONLINE_PEERS}
+    tests = sorted(report.significance.items(), key=lambda item: item[0] not in online_peers)
+    blocks = []
+    for suffix, extra in (("", True), ("_by_user", False)):
+        first = tests[0][1].get(f"ndcg@{k}{suffix}")
+        if first is None:
+            continue
+        head = (f"{'streamrec online minus':<34} {'dHR@' + str(k) + ' [95% CI]':>27} {'p':>7}  "
+                f"{'dNDCG@' + str(k) + ' [95% CI]':>27} {'p':>7}")
+        head += f"  {'McNemar p':>9} {'hits +/-':>11}" if extra else ""
+        lines = [f"paired over the same {first['events']} evaluated events: {first['method']}"
+                 + ("; McNemar exact on hits" if extra else ""), head, "-" * len(head)]
+        for model, test in tests:
+            hr, ndcg = test[f"hr@{k}{suffix}"], test[f"ndcg@{k}{suffix}"]
+            line = (f"{model:<34} {hr['difference']:>+8.4f} [{hr['ci_low']:+.4f}, {hr['ci_high']:+.4f}] "
+                    f"{_p(hr):>7}  {ndcg['difference']:>+8.4f} [{ndcg['ci_low']:+.4f}, "
+                    f"{ndcg['ci_high']:+.4f}] {_p(ndcg):>7}")
+            if extra:
+                mc = test[f"mcnemar_hr@{k}"]
+                line += f"  {mc['p_value']:>9.1e} {str(mc['only_a']) + '/' + str(mc['only_b']):>11}"
+            lines.append(line)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def target_notes(report: Report) -> list[str]:
     online, als = report.get(NAMES["online"]), report.get(NAMES["als"])
     boot, pop = report.get(NAMES["bootstrap"]), report.get(NAMES["popularity"])
@@ -270,6 +364,15 @@ def target_notes(report: Report) -> list[str]:
                      f"({online.hr / boot.hr:.2f}x HR, {online.ndcg / boot.ndcg:.2f}x NDCG)")
     if online and pop and pop.hr and pop.ndcg:
         notes.append(f"online vs popularity: {online.hr / pop.hr:.2f}x HR, {online.ndcg / pop.ndcg:.2f}x NDCG")
+    fair = [r for r in report.results if r.model in {NAMES[key] for key in ONLINE_PEERS} and r.ndcg]
+    if online and fair:
+        best = max(fair, key=lambda r: r.ndcg)
+        tests = report.significance.get(best.model, {})
+        test = tests.get(f"ndcg@{online.k}_by_user") or tests.get(f"ndcg@{online.k}")
+        verdict = (f", NDCG difference {test['difference']:+.4f} [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}], "
+                   f"p {_p(test)} ({test['method'].split(',')[0]})" if test else "")
+        notes.append(f"online vs the best fair online peer ({best.model}): {online.hr / best.hr:.2f}x HR, "
+                     f"{online.ndcg / best.ndcg:.2f}x NDCG{verdict}")
     for r in report.results:
         if "fallback_steps" in r.details:
             notes.append(f"{r.model}: {r.details['fallback_steps']} of {r.events} evaluated events were for users "
@@ -280,6 +383,9 @@ def target_notes(report: Report) -> list[str]:
 def write_json(report: Report, path: str, k: int) -> None:
     rows = report.results + ([report.served] if report.served else [])
     records = [{**r.record(), "dataset": report.dataset} for r in rows]
+    for record in records:  # paired tests against streamrec online, Δ = online - this model
+        if record["model"] in report.significance:
+            record["vs_streamrec_online"] = report.significance[record["model"]]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(records, indent=2, default=float) + "\n")
 
@@ -294,7 +400,9 @@ def write_plot(report: Report, path: str, k: int, window: int) -> None:
     for r in report.results:
         if r.events:
             start = window - 1 if r.events >= 2 * window else 0  # only full windows when there are enough
-            ax.plot(r.positions[start:], r.rolling_hr(window)[start:], label=f"{r.model} ({r.hr:.3f})", linewidth=1.2)
+            style = "--" if "frozen" in r.model else "-"  # frozen peers dashed, online models solid
+            ax.plot(r.positions[start:], r.rolling_hr(window)[start:], style, label=f"{r.model} ({r.hr:.3f})",
+                    linewidth=1.2)
     ax.set_xlabel("replay event (time order)")
     ax.set_ylabel(f"HR@{k}, rolling mean over {window} evaluated events")
     ax.set_title(f"Prequential HR@{k} on {report.dataset}: test-then-learn replay of the last events")
@@ -314,6 +422,9 @@ def run(args, dataset: Dataset | None = None) -> int:
     print()
     print(format_segments(report, args.k))
     print()
+    if report.significance:
+        print(format_significance(report, args.k))
+        print()
     for note in target_notes(report):
         print("  " + note)
     if args.json:

@@ -21,6 +21,7 @@ Models (all satisfy `Recommender`):
   FrozenEngine     the Engine API as seeded, never ingesting (the bootstrap frozen); popularity fallback
   implicit peers   `fit_implicit` + FrozenFactors (ALS, BPR from the `implicit` package), `ImplicitALSRefit`
                    (ALS refit on everything seen every N events), `tune_implicit` (grid on the training part)
+  online peers     peers.py (issue 19): iALS fold-in, EASE, item-kNN, recent popularity on the whole live history
 """
 from __future__ import annotations
 
