@@ -16,7 +16,7 @@ def env(name: str, default):
 # from here, and `python -m streamrec.cli.evaluate` must not find its module already imported.
 
 def build_parser() -> argparse.ArgumentParser:
-    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train
+    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train, train_sequence
 
     parser = argparse.ArgumentParser(prog="streamrec", description="Real-time recommendation engine over gRPC.")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
@@ -28,11 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     rerank.register(sub)
     train.register(sub)
+    train_sequence.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train
+    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train, train_sequence
 
     args = build_parser().parse_args(argv)
     process = os.environ.get("STREAMREC_PROCESS_NAME")  # set by `serve --replicas N` for each of its processes
@@ -50,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return token.run(args)
     if args.command == "deploy-ray":
         return deploy.run(args)
+    if args.command == "train-sequence":
+        return train_sequence.run(args)
     return client.run(args)
