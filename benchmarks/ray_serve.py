@@ -97,6 +97,8 @@ from streamrec.clients.loadtest import runner as loadtest_runner
 from streamrec.clients.loadtest.report import build_report
 from streamrec.v1 import events_pb2, recommend_pb2, recommend_pb2_grpc
 
+from replicas import WindowWatch, fmt, git_commit, ms_summary  # noqa: E402 (the neighbour script: benchmarks/ is on sys.path)
+
 # Ray is imported only where the cluster starts: the load tester's client processes (spawned) import this module.
 
 DATASET, DIM = "ml-100k", 64
@@ -377,33 +379,6 @@ class Target:
 
 # --- load ---------------------------------------------------------------------------------------------------
 
-class WindowWatch:
-    """(benchmarks/replicas.py) Stands in for the load tester's progress display; `opened` and `closed` are set a
-    margin inside the measured window, so whatever is sampled between them saw measured load only."""
-
-    def __init__(self, warmup_s: float, duration_s: float):
-        margin = min(0.5, 0.1 * duration_s)
-        self.offsets = (warmup_s + margin, warmup_s + duration_s - margin)
-        self.opened, self.closed = threading.Event(), threading.Event()
-        self._timers: list[threading.Timer] = []
-
-    def update(self, elapsed: float, finished: int, failed: int) -> None:
-        if self._timers:
-            return
-        start = time.monotonic() - elapsed
-        for event, offset in zip((self.opened, self.closed), self.offsets):
-            timer = threading.Timer(max(0.0, start + offset - time.monotonic()), event.set)
-            timer.daemon = True
-            timer.start()
-            self._timers.append(timer)
-
-    def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self.opened.set()
-        self.closed.set()
-
-
 def _loadtest_child(spec: dict, messages, start_event, start_at) -> None:
     """A load tester client process whose calls carry spec["metadata"] besides the token (Serve's proxy routes on
     the `application` key). Spawned: this module is its __main__, and the runner module is a fresh import."""
@@ -531,18 +506,6 @@ def least_contended(run_once, contention, retries: int, label: str):
             break
     best = min(range(len(attempts)), key=lambda i: contention(attempts[i]))
     return attempts[best], attempts[:best] + attempts[best + 1:]
-
-
-def ms_summary(seconds: list[float]) -> dict:
-    if not seconds:
-        return {"n": 0, "p50": None, "p99": None, "max": None}
-    values = np.asarray(seconds) * 1e3
-    return {"n": len(values), "p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
-            "max": float(values.max())}
-
-
-def fmt(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -845,14 +808,6 @@ def findings(results: dict) -> list[str]:
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
