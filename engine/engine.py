@@ -301,12 +301,12 @@ class Engine:
         if min_seq <= self.state.applied_seq:
             return
         # Where the log ends is known here exactly, except on a replica on another machine (as of its last batch).
-        remote = isinstance(self.follower, RemoteFollower)
-        if not remote:
+        exact = self.follower is None or self.follower.log_end_is_exact
+        if exact:
             self._check_in_log(min_seq)
         timeout_s = self.config.min_seq_wait_s if timeout_s is None else timeout_s
         if not self.state.wait_applied(min_seq, timeout_s):
-            if remote:
+            if not exact:
                 self._check_in_log(min_seq)
             raise Unavailable("min_seq", f"this {self.role} has applied up to seq {self.state.applied_seq}, "
                                          f"behind min_seq {min_seq} after waiting {timeout_s * 1e3:.0f} ms; retry")
@@ -364,9 +364,7 @@ class Engine:
     @property
     def log_id(self) -> str:
         """The log this process's applied seq counts in (a remote replica's: its primary's)."""
-        if isinstance(self.follower, RemoteFollower):
-            return self.follower.copy_of
-        return self._log_id
+        return self._log_id if self.follower is None else self.follower.log_id
 
     def stats(self) -> EngineStats:
         with self.lock:

@@ -47,6 +47,7 @@ class LogFollower:
         self.reranker, self.config, self.model_version = reranker, config, model_version
         self.poll_s = poll_s  # read the log at least this often without a hint
         self.checkpoints = False  # this replica writes no checkpoints of its own (the primary does, in the store)
+        self._log_id: str | None = None
         self.reloads = 0  # state reloads from a checkpoint (erasures seen)
         self.applied_records = 0
         self.last_apply_wall = time.time()
@@ -89,9 +90,19 @@ class LogFollower:
                 log.exception("replica: applying the log failed at seq %d; retrying", self.state.applied_seq)
                 self._stop.wait(1.0)
 
+    # Whether log_end() is exact here (the shared store) or as of the last batch received (a remote copy).
+    log_end_is_exact = True
+
     def log_end(self) -> int:
         """The last seq of the primary's log as far as this replica knows."""
         return self.store.last_seq()
+
+    @property
+    def log_id(self) -> str:
+        """The log this replica's applied seq counts in (cached: every answer reports it)."""
+        if self._log_id is None:
+            self._log_id = self.store.log_id
+        return self._log_id
 
     # --- applying ---------------------------------------------------------------------------------
     def catch_up(self) -> int:

@@ -63,8 +63,14 @@ class RemoteFollower(LogFollower):
         self.primary_last = 0  # the primary's last seq as of the last batch (an idle stream sends one a second)
         self.snapshots = 0
 
+    log_end_is_exact = False
+
     def log_end(self) -> int:
         return max(self.store.last_seq(), self.primary_last)
+
+    @property
+    def log_id(self) -> str:
+        return self.copy_of
 
     @property
     def copy_of(self) -> str:
