@@ -26,12 +26,13 @@ def _print(message, as_json: bool) -> None:
 def cmd_recommend(args, client: StreamrecClient) -> None:
     response = client.recommend(args.user_id, k=args.k, include_categories=args.category or (),
                                 exclude_seen=None if args.exclude_seen else False, rerank=args.rerank,
-                                candidates=args.candidates)
+                                candidates=args.candidates, user_model=args.user_model)
     if args.json:
         return _print(response, True)
-    reranker = response.served_by.reranker
+    reranker, user_model = response.served_by.reranker, response.served_by.user_model
     print(f"{response.strategy} recommendations for {response.user_id} "
-          f"(model {response.served_by.model_version}{f', reranked by {reranker}' if reranker else ''}, "
+          f"(model {response.served_by.model_version}{f', user model {user_model}' if user_model else ''}"
+          f"{f', reranked by {reranker}' if reranker else ''}, "
           f"{response.server_latency_us} us):")
     for rank, item in enumerate(response.items, 1):
         retrieval = f" (cosine {item.retrieval_score:.4f})" if reranker else ""
@@ -154,6 +155,8 @@ def register(subparsers) -> None:
                    help="retrieval order only (skip the reranking model)")
     p.add_argument("--rerank", dest="rerank", action="store_const", const=True, help="ask for reranking")
     p.add_argument("--candidates", type=int, default=0, help="retrieved candidates to rerank (default: the server's)")
+    p.add_argument("--user-model", choices=["ials", "sequence"], default="",
+                   help="the user model whose query retrieves (default: the server's)")
     p.add_argument("--json", action="store_true")
 
     p = add("similar", cmd_similar, "items most similar to an item")

@@ -44,6 +44,13 @@ def register(subparsers) -> None:
                        help="retrieved candidates the model reorders per request (env STREAMREC_RERANK_CANDIDATES)")
     serve.add_argument("--rerank-provider", choices=["auto", "cpu", "cuda"], default=env("RERANK_PROVIDER", "auto"),
                        help="ONNX Runtime provider: auto = CUDA when usable, else CPU (decided once at start)")
+    serve.add_argument("--user-model", choices=["ials", "sequence"], default=env("USER_MODEL", "ials"),
+                       help="the user model of requests that name none (env STREAMREC_USER_MODEL): ials, the online "
+                            "fold-in, or sequence, the ONNX sequence tower (--sequence-model)")
+    serve.add_argument("--sequence-model", default=env("SEQUENCE_MODEL", ""),
+                       help="the sequence tower's ONNX file (env STREAMREC_SEQUENCE_MODEL; trained by streamrec "
+                            "train-sequence --store). Unset: the shipped ML-100K model with --user-model sequence, "
+                            "none otherwise. A path with --user-model ials: kept up to date and chosen per request")
     serve.add_argument("--checkpoint-interval", type=float, default=float(env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
@@ -101,6 +108,14 @@ def supervise(args) -> int:
     return supervisor.run_forever()
 
 
+def sequence_model_path(args) -> str | None:
+    from streamrec.engine import SHIPPED_SEQUENCE_MODEL
+
+    if args.sequence_model:
+        return None if args.sequence_model == "none" else args.sequence_model
+    return str(SHIPPED_SEQUENCE_MODEL) if args.user_model == "sequence" else None
+
+
 def _read_token(path: Path | None) -> str | None:
     return path.read_text().strip() if path else None
 
@@ -127,7 +142,8 @@ def run(args) -> int:
             return 2
     engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
                           reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
-                          rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider)
+                          rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider,
+                          user_model=args.user_model, sequence_model_path=sequence_model_path(args))
     config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                           workers=args.workers, engine=engine,
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),

@@ -1,6 +1,13 @@
-"""`streamrec train-sequence`: train the sequence user tower (streamrec.engine.offline.sequence) on the training
-part of the prequential split, export it to ONNX, and replay it against streamrec online and the best fair online
-peer (EASE) on the same events, with the per-user paired bootstrap (significance.py).
+"""`streamrec train-sequence`: train the sequence user tower (streamrec.engine.offline.sequence) and export it to
+ONNX with its serving sidecar (engine/sequence/tower.py).
+
+Two modes:
+- evaluation (default): train on the training part of the prequential split and replay the tower against
+  streamrec online and the best fair online peer (EASE) on the same events, with the per-user paired bootstrap;
+- serving (--store DATA_DIR --out FILE): train on every event of --dataset or --events against the item vectors
+  of that data dir (a seeded or running server's), so `serve --user-model sequence --sequence-model FILE` scores
+  its queries in the same item space. The last --valid-fraction of the events chooses the epoch count; --refit
+  then retrains on all of them.
 
 The frozen item vectors are the engine's own: the engine is seeded with the training part exactly as
 `streamrec evaluate` seeds it, and every catalog item's vector is read back (derived vectors of items without
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -19,8 +27,18 @@ from pathlib import Path
 import numpy as np
 
 
+from streamrec.cli.rerank import serving_model_path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    parser.add_argument("--events", type=Path, default=None,
+                        help="with --store: a CSV (.tsv) or Parquet interaction log to train on instead of --dataset "
+                             "(columns user_id, item_id, optional type, value, timestamp)")
+    parser.add_argument("--store", type=Path, default=None, metavar="DATA_DIR",
+                        help="serving mode: train against this data dir's item vectors (read-only; a server may be "
+                             "running on it) and write --out")
+    parser.add_argument("--out", type=Path, default=None, help="serving mode: the ONNX file to write (sidecar .json beside it)")
     parser.add_argument("--train-fraction", type=float, default=0.8)
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="tail of the training part for validation")
     parser.add_argument("--length", type=int, default=50, help="events in the user's window (L)")
@@ -36,8 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--onnx", default="/tmp/sequence_tower.onnx")
-    parser.add_argument("--models", default="sequence,shuffled,online,ease",
-                        help="which to replay: sequence, shuffled, online, ease")
+    parser.add_argument("--models", default="sequence,shuffled,online,ease,served,served-rerank,online-rerank",
+                        help="which to replay: sequence, shuffled (the tower offline), online, ease, served (the "
+                             "tower through the engine, as `serve --user-model sequence` answers), served-rerank, "
+                             "online-rerank (either with --reranker)")
+    parser.add_argument("--reranker", default="default",
+                        help="the reranking model of the *-rerank replays: a path or 'default' (the shipped one, "
+                             "trained on the first 80%% of ML-100K only)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N replay events")
     parser.add_argument("--json", default=None)
@@ -98,7 +121,62 @@ def train_and_export(args, train, catalog, item_vectors) -> dict:
     return info
 
 
+def store_item_vectors(store: Path, item_ids) -> tuple[list[str], np.ndarray]:
+    """(ids the store holds live, their vectors) among `item_ids`, read through a read-only replica Engine."""
+    from streamrec.engine import Engine, EngineConfig, NotFound
+    from streamrec.engine.config import STORE_FOLDER
+
+    folder = store / STORE_FOLDER if (store / STORE_FOLDER).exists() else store
+    if not Engine.holds_store(folder):
+        raise SystemExit(f"no streamrec store in {store} (seed one first: streamrec serve --data-dir {store})")
+    found, vectors = [], []
+    with Engine(folder, EngineConfig(backend="numpy", sync=False), replica=True) as engine:
+        for item_id in item_ids:
+            try:
+                view = engine.get_item(item_id)
+            except NotFound:
+                continue
+            if not view.deleted and np.any(view.vector):
+                found.append(item_id)
+                vectors.append(np.asarray(view.vector, np.float32))
+    if not found:
+        raise SystemExit(f"none of the events' items is in the store at {store}")
+    return found, np.stack(vectors)
+
+
+def run_for_store(args) -> int:
+    from streamrec.engine.offline import datasets
+    from streamrec.engine.offline import evaluation as ev
+    from streamrec.engine.offline import sequence as seq
+
+    if args.out is None:
+        raise SystemExit("--store needs --out (the ONNX file to write)")
+    if args.events is not None:
+        interactions = datasets.load_interactions_file(args.events)
+        name = args.events.stem
+        item_ids = list(dict.fromkeys(str(i) for i in interactions.item_ids))
+    else:
+        dataset = datasets.load(args.dataset, args.seed)
+        interactions, name, item_ids = dataset.interactions, dataset.name, list(dataset.item_categories)
+    ids, item_vectors = store_item_vectors(args.store, item_ids)
+    _say(f"{len(interactions)} events; {len(ids)} of {len(item_ids)} items have a vector in {args.store} "
+         f"(dimension {item_vectors.shape[1]})")
+    catalog = ev.Catalog(ids)
+    everything = datasets.Dataset(name, interactions, {i: [] for i in ids}, {})
+    args.dim, args.onnx = int(item_vectors.shape[1]), str(args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    info = train_and_export(args, everything, catalog, item_vectors)
+    meta = seq.write_sidecar(args.onnx, ids, item_vectors, args.length, name,
+                             {k: v for k, v in info.items() if k != "history"})
+    _say(f"wrote {args.out} and {Path(args.out).with_suffix('.json')} (version {meta['version']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "training": info}, indent=2, default=str) + "\n")
+    return 0
+
+
 def run(args) -> int:
+    if args.store is not None:
+        return run_for_store(args)
     from streamrec.engine import Engine
     from streamrec.engine.config import EngineConfig
     from streamrec.engine.offline import datasets, peers, significance
@@ -127,34 +205,54 @@ def run(args) -> int:
         item_vectors = seeded_item_vectors(train, catalog, Path(tmp) / "engine", args.dim, args.seed)
         _say(f"seeded the engine and read {len(item_vectors)} item vectors in {time.perf_counter() - t0:.1f} s")
         record["training"] = train_and_export(args, train, catalog, item_vectors)
+        seq.write_sidecar(args.onnx, catalog.ids, item_vectors, args.length, train.name)
         if "sequence" in wanted:
-            replay(seq.SequenceTower(args.onnx, item_vectors, catalog, history, args.length))
+            replay(seq.TowerRecommender(args.onnx, item_vectors, catalog, history, args.length))
         if "shuffled" in wanted:
-            replay(seq.SequenceTower(args.onnx, item_vectors, catalog, history, args.length,
+            replay(seq.TowerRecommender(args.onnx, item_vectors, catalog, history, args.length,
                                      "sequence tower, shuffled history", shuffle=True, seed=args.seed))
-        if "online" in wanted:
-            config = EngineConfig(dim=args.dim, backend="numpy", sync=False)
-            with Engine(Path(tmp) / "engine" / "lmdb", config) as engine:
-                replay(ev.StreamrecEngine(engine, "streamrec online"))
+        served = {"online": ("ials", False, "streamrec online"),
+                  "online-rerank": ("ials", True, "streamrec online + reranker"),
+                  "served": ("sequence", False, "sequence tower, served"),
+                  "served-rerank": ("sequence", True, "sequence tower, served + reranker")}
+        for key, (user_model, rerank, name) in served.items():
+            if key not in wanted:
+                continue
+            reranker = serving_model_path(args.reranker, args.dim) if rerank else None
+            if rerank and reranker is None:
+                raise SystemExit(f"--models {key} needs a reranker at dimension {args.dim}")
+            config = EngineConfig(dim=args.dim, backend="numpy", sync=False, user_model=user_model,
+                                  sequence_model_path=args.onnx if user_model == "sequence" else None,
+                                  reranker_path=reranker)
+            folder = Path(tmp) / key
+            shutil.copytree(Path(tmp) / "engine", folder)  # every replay starts from the seeded store
+            with Engine(folder / "lmdb", config) as engine:
+                replay(ev.StreamrecEngine(engine, name))
+            record.setdefault("served_user_models", {})[name] = engine.user_model_info()
     if "ease" in wanted:
         model = peers.builders(catalog, args.seed)["ease"](train, peers.DEFAULTS["ease"])
         model.name = "EASE (online history)"
         replay(model)
 
-    base = results.get("sequence tower (ONNX)")
     record["results"] = [{**r.record(), "dataset": dataset.name} for r in results.values()]
-    if base is not None and args.resamples > 0:
+    # Each sequence tower (offline replay, served, served + reranker) against every other model, paired.
+    bases = {"vs_sequence": "sequence tower (ONNX)", "vs_served": "sequence tower, served",
+             "vs_served_rerank": "sequence tower, served + reranker"}
+    for key, base_name in bases.items():
+        base = results.get(base_name)
+        if base is None or args.resamples <= 0:
+            continue
         _, users = np.unique([events[p].user_id for p in base.positions], return_inverse=True)
-        record["vs_sequence"] = {}
+        record[key] = {}
         for name, other in results.items():
             if other is base:
                 continue
             test = significance.compare(base.hits, base.gains, other.hits, other.gains, args.k, args.resamples,
                                         args.seed, users.ravel())
-            record["vs_sequence"][name] = test
+            record[key][name] = test
             by_user = test[f"ndcg@{args.k}_by_user"]
             hr_user = test[f"hr@{args.k}_by_user"]
-            _say(f"  sequence minus {name:<32} dHR {hr_user['difference']:+.4f} p {hr_user['p_value']:.4f}  "
+            _say(f"  {base_name} minus {name:<34} dHR {hr_user['difference']:+.4f} p {hr_user['p_value']:.4f}  "
                  f"dNDCG {by_user['difference']:+.4f} [{by_user['ci_low']:+.4f}, {by_user['ci_high']:+.4f}] "
                  f"p {by_user['p_value']:.4f} (users)")
     record["total_seconds"] = round(time.perf_counter() - started, 1)

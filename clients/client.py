@@ -321,9 +321,10 @@ class StreamrecClient:
     def recommend_request(user_id: str, k: int | None = None, exclude_seen: bool | None = None,
                           exclude_item_ids: Sequence[str] = (), include_categories: Sequence[str] = (),
                           exclude_categories: Sequence[str] = (), request_id: str = "", rerank: bool | None = None,
-                          candidates: int = 0) -> recommend_pb2.RecommendRequest:
+                          candidates: int = 0, user_model: str = "") -> recommend_pb2.RecommendRequest:
         """rerank: None = the server's default, False = retrieval order only, True = rerank (when a model is
-        loaded); candidates: how many retrieved items the model reorders (0 = server default)."""
+        loaded); candidates: how many retrieved items the model reorders (0 = server default); user_model:
+        "ials" or "sequence" (the served_by.user_model of the answer says which answered), "" = the server's."""
         request = recommend_pb2.RecommendRequest(
             request_id=request_id, user_id=user_id, exclude_item_ids=exclude_item_ids,
             include_categories=include_categories, exclude_categories=exclude_categories,
@@ -336,6 +337,8 @@ class StreamrecClient:
             request.rerank.enabled = rerank
         if candidates:
             request.rerank.candidates = candidates
+        if user_model:
+            request.user_model = recommend_pb2.UserModel.Value(f"USER_MODEL_{user_model.upper()}")
         return request
 
     def recommend(self, user_id: str, k: int | None = None, timeout_s: float | None = None, retry: bool | None = None,

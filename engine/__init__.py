@@ -11,6 +11,7 @@ in `config.py`, its errors in `errors.py`. Behind it, one folder per stage of th
     state/      the in-memory model (catalog, users) and the online rule that events apply
     retrieval/  the path of a request: micro-batching, filters, the top-k backend interface
     rerank/     the second stage: ONNX model, features, hot swap
+    sequence/   the sequence user tower: an ONNX model of each user's latest events, a second user model
     cpu/ gpu/   Numba and CUDA kernels, each named after the module it accelerates
     offline/    datasets, training, evaluation and seeding; the serving path never imports it
 
@@ -28,6 +29,8 @@ _EXPORTS = {
     "EngineObserver": "observer",
     "SHIPPED_RERANKER": "rerank.reranker",  # the reranking model that ships with the package (ML-100K, d=64)
     "sidecar_path": "rerank.reranker",  # where a reranking model's metadata file lives
+    "SHIPPED_SEQUENCE_MODEL": "sequence.tower",  # the sequence user tower that ships (ML-100K as `serve` seeds it)
+    "SequenceModelRejected": "sequence.tower",
     **{name: "errors" for name in ("EngineError", "InvalidArgument", "NotFound", "ResourceExhausted", "Unavailable",
                                    "OutOfRange", "FailedPrecondition", "OtherLog", "DeadlineExceeded")},
     **{name: "api" for name in ("Event", "EventType", "ItemSpec", "Rejection", "IngestResult", "UpsertResult",

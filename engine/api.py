@@ -90,6 +90,7 @@ class RecommendQuery:
     request_id: str = ""
     rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
     candidates: int = 0  # retrieved candidates to rerank; 0: the server default
+    user_model: str = ""  # "ials" or "sequence" (config.py: user_model); "": the server default
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Recommendation:
     strategy: str  # "personalized" | "popular"
     retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
     reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
+    user_model: str = ""  # the user model whose query retrieved the items ("ials" or "sequence"); "" for popularity
 
 
 @dataclass
@@ -177,3 +179,4 @@ class EngineStats:
     replica_reloads: int = 0  # on a replica: reloads from a checkpoint after an erasure
     pid: int = 0  # the process that answered
     snapshots_served: int = 0  # on the primary: snapshots copied by replicas on other machines
+    user_model: dict = field(default_factory=dict)  # Engine.user_model_info()

@@ -73,13 +73,21 @@ class Engine:
         config = config or EngineConfig()
         self.data_dir = Path(data_dir)
         self.observer = observer or EngineObserver()
+        if config.user_model not in ("ials", "sequence"):
+            raise ValueError(f"user_model must be ials or sequence, not {config.user_model!r}")
+        if config.user_model == "sequence" and not config.sequence_model_path:
+            raise ValueError("user_model sequence needs a sequence model (sequence_model_path)")
         replica = replica or source is not None
         self.role = "replica" if replica else "primary"
         self.store = (LogCopy(self.data_dir, sync=config.sync) if source is not None
                       else Store(self.data_dir, sync=config.sync, readonly=replica))
         self.config = config = self._config_for_store(config)
         self.limits = config.limits
-        self.state = State(config)
+        try:
+            self.state = State(config)  # loads the sequence model, if any: a bad one stops the start
+        except Exception:
+            self.store.close()
+            raise
         self.lock = threading.RLock()  # guards the state: the writer applies under it, readers copy under it
         # Cached: every response reports them, and request threads should not read LMDB.
         self._model_version = (self.store.get_meta(MODEL_VERSION_KEY) or b"none").decode()
@@ -89,7 +97,8 @@ class Engine:
         warm_update_kernel()  # likewise for the online update: the first ingested event should not pay for it
         self.reranker = Reranker(config.dim, config.rerank_provider, config.rerank_threads, config.rerank_by_default,
                                  config.rerank_candidates)
-        self.retriever = Retriever(self.state, self.lock, self.backend, self.reranker)
+        self.retriever = Retriever(self.state, self.lock, self.backend, self.reranker, config.user_model)
+        self.sequence_item_cosine: float | None = None  # the model's probe items against this catalog
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
         self.checkpointer: Checkpointer | None = None
@@ -115,6 +124,7 @@ class Engine:
 
     def _follow(self) -> None:
         self.recovered_records = self.follower.load()
+        self._check_sequence_model_or_close()
         self._model_version = (self.store.get_meta(MODEL_VERSION_KEY) or b"none").decode()
         self.follower.start()
 
@@ -122,6 +132,7 @@ class Engine:
         """The primary: recover, then the writer thread; replicas are woken after each commit."""
         self.checkpointer = Checkpointer(self.store, self.state, self.lock, config, self.observer)
         self.recovered_records = recover(self.store, self.state)
+        self._check_sequence_model_or_close()
         self.checkpointer.count(self.recovered_records)
         if self.recovered_records:
             self.checkpointer.now()
@@ -138,6 +149,23 @@ class Engine:
         self.writer.start()
         if not self.is_empty:  # an empty store is seeded first (seed() records it then)
             self._record_reranker()  # replicas serve the model this process serves, whatever the store last said
+
+    def _check_sequence_model_or_close(self) -> None:
+        """A sequence model must have been trained against this catalog's item space (its queries are scored
+        against these vectors): SequenceModelRejected otherwise, with the store closed. An empty store (about to
+        be seeded) is not checked; the engine opened on the seeded store is."""
+        tower = self.state.sequence
+        if tower is None or len(self.state.items) == 0:
+            return
+        items = self.state.items
+        try:
+            self.sequence_item_cosine = tower.check_item_space(
+                lambda item_id: items.vectors[items.rows[item_id]] if item_id in items.rows else None)
+        except Exception:
+            self.store.close()
+            raise
+        log.info("sequence model %s: item space matches this catalog (probe mean cosine %.3f)", tower.version,
+                 self.sequence_item_cosine)
 
     def _record_reranker(self) -> int:
         """Log the serving reranker when the store says another one serves; returns the seq (0: nothing logged)."""
@@ -322,6 +350,9 @@ class Engine:
         return [f.result() for f in futures]
 
     def recommend_async(self, query: RecommendQuery, deadline: float | None = None) -> Future:
+        if query.user_model == "sequence" and self.state.sequence is None:
+            raise FailedPrecondition("user_model", "this server has no sequence model (serve --user-model sequence "
+                                                   "or --sequence-model PATH)")
         self.counters["recommendations"] += 1
         return self.batcher.submit(query, deadline)
 
@@ -382,5 +413,15 @@ class Engine:
                 data_dir=str(self.data_dir), role=self.role,
                 replicas=self.wakeups.replicas if self.wakeups else 0,
                 replica_reloads=self.follower.reloads if self.follower else 0, pid=os.getpid(),
-                snapshots_served=self.feed.snapshots_served if self.feed else 0, **self.counters,
+                snapshots_served=self.feed.snapshots_served if self.feed else 0, user_model=self.user_model_info(),
+                **self.counters,
             )
+
+    def user_model_info(self) -> dict:
+        """Which user model answers by default, the sequence model when one is loaded, and the answers of each."""
+        state = self.state
+        info = {"default": self.config.user_model, "answers": dict(self.retriever.answers)}
+        if state.sequence is not None:
+            info["sequence"] = {**state.sequence.info(), "updates": state.sequence_updates,
+                                "update_seconds": state.sequence_seconds, "item_space_cosine": self.sequence_item_cosine}
+        return info

@@ -56,10 +56,17 @@ def check_id_list(field: str, values, limits: Limits) -> list[str]:
     return [check_id(f"{field}[{i}]", v, limits) for i, v in enumerate(values)]
 
 
+USER_MODELS = ("", "ials", "sequence")  # "": the server default
+
+
 def check_query(limits: Limits, default_k: int, user_id: str, k: int | None, exclude_seen: bool = True,
                 exclude_item_ids=(), include_categories=(), exclude_categories=(), request_id: str = "",
-                user_field: str = "user_id", rerank: bool | None = None, candidates: int = 0) -> RecommendQuery:
+                user_field: str = "user_id", rerank: bool | None = None, candidates: int = 0,
+                user_model: str = "") -> RecommendQuery:
     """A validated query; every problem names the request field."""
+    if user_model not in USER_MODELS:
+        raise InvalidArgument("user_model", f"must be one of {', '.join(m for m in USER_MODELS if m)} (or unset: the "
+                                            f"server default), got {user_model!r}")
     if not 0 <= candidates <= limits.max_k:
         raise InvalidArgument("rerank.candidates", f"must be between 0 (server default) and {limits.max_k}, got {candidates}")
     return RecommendQuery(
@@ -72,6 +79,7 @@ def check_query(limits: Limits, default_k: int, user_id: str, k: int | None, exc
         request_id=request_id,
         rerank=rerank,
         candidates=candidates,
+        user_model=user_model,
     )
 
 

@@ -47,7 +47,13 @@ def query_fields(request: recommend_pb2.RecommendRequest) -> dict:
         request_id=request.request_id,
         rerank=request.rerank.enabled if request.rerank.HasField("enabled") else None,
         candidates=request.rerank.candidates,
+        user_model=_USER_MODELS.get(request.user_model, str(request.user_model)),
     )
+
+
+# UserModel enum -> the engine's name; an unknown number passes through as text and is refused by name.
+_USER_MODELS = {recommend_pb2.USER_MODEL_DEFAULT: "", recommend_pb2.USER_MODEL_IALS: "ials",
+                recommend_pb2.USER_MODEL_SEQUENCE: "sequence"}
 
 
 def set_served_by(message: common_pb2.ServedBy, served_by: ServedBy) -> None:
@@ -74,6 +80,7 @@ def recommend_response(served_by: ServedBy, result: Recommendation, latency_us: 
     add_scored_items(response.items, result)
     set_served_by(response.served_by, served_by)
     response.served_by.reranker = result.reranker
+    response.served_by.user_model = result.user_model
     return response
 
 
@@ -87,6 +94,15 @@ def similar_items_response(served_by: ServedBy, result: Recommendation, item_id:
 
 def reranker_info(info: dict) -> catalog_pb2.RerankerInfo:
     return catalog_pb2.RerankerInfo(**{f: info[f] for f in catalog_pb2.RerankerInfo.DESCRIPTOR.fields_by_name if f in info})
+
+
+def user_model_info(info: dict) -> catalog_pb2.UserModelInfo:
+    sequence = info.get("sequence") or {}
+    return catalog_pb2.UserModelInfo(
+        default_model=info.get("default", ""), sequence_version=sequence.get("version", ""),
+        sequence_path=sequence.get("path", ""), sequence_length=sequence.get("length", 0),
+        sequence_updates=sequence.get("updates", 0), sequence_update_seconds=sequence.get("update_seconds", 0.0),
+        item_space_cosine=sequence.get("item_space_cosine") or 0.0, answers=info.get("answers", {}))
 
 
 def item_spec_from(item: catalog_pb2.Item) -> ItemSpec:
@@ -126,7 +142,7 @@ def stats_message(stats: EngineStats, limits: Limits) -> catalog_pb2.StatsRespon
         recommend_batch_sizes=stats.recommend_batch_sizes, recommend_batches=stats.recommend_batches,
         write_queue=stats.write_queue, reranker=reranker_info(stats.reranker), role=stats.role,
         replicas=stats.replicas, replica_reloads=stats.replica_reloads, pid=stats.pid,
-        snapshots_served=stats.snapshots_served,
+        snapshots_served=stats.snapshots_served, user_model=user_model_info(stats.user_model),
     )
     set_served_by(response.served_by, stats.served_by)
     return response

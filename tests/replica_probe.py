@@ -1,7 +1,7 @@
 """A replica's apply loop in a process of its own (LMDB refuses a second open of one environment in a process),
 driven step by step from a test over stdin/stdout:
 
-    python tests/replica_probe.py STORE_DIR DIM [MAP_BYTES]
+    python tests/replica_probe.py STORE_DIR DIM [MAP_BYTES [SEQUENCE_MODEL]]
     catchup          -> {"applied_seq": ..., "reloads": ..., "reranker": version or null, "users": n}
     snapshot PATH    -> the state_snapshot pickled to PATH; "ok"
     quit
@@ -28,7 +28,7 @@ from streamrec.engine.store.store import Store  # noqa: E402
 def main() -> None:
     path, dim = Path(sys.argv[1]), int(sys.argv[2])
     map_bytes = int(sys.argv[3]) if len(sys.argv) > 3 else 64 << 20
-    config = EngineConfig(dim=dim)
+    config = EngineConfig(dim=dim, sequence_model_path=sys.argv[4] if len(sys.argv) > 4 else None)
     store = Store(path, readonly=True, initial_map_size=map_bytes)
     state = State(config)
     follower = LogFollower(store, state, threading.RLock(), Reranker(dim, provider="cpu"), config, lambda: "none")

@@ -12,6 +12,9 @@ def state_snapshot(state) -> dict:
                         users.hist_items[row].tobytes(), users.hist_strength[row].tobytes(),
                         users.hist_ts[row].tobytes(), int(users.hist_count[row]))
                   for uid, row in users.rows.items()},
+        # the sequence tower's queries (empty without one)
+        "sequence": {uid: (users.sequence_vectors[row].tobytes(), bool(users.sequence_ready[row]))
+                     for uid, row in users.rows.items()} if users.sequence_enabled else {},
         "items": (items.vectors[:n].tobytes(), items.live[:n].tobytes(), items.log2_popularity[:n].tobytes(),
                   items.interactions[:n].tobytes(), items.last_event_ms[:n].tobytes()),
         "ids": list(items.ids),

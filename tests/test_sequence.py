@@ -56,7 +56,7 @@ def test_same_history_gives_bit_identical_vectors(tiny):
     catalog = Catalog([f"i{j}" for j in range(ITEMS)])
     log = build_interactions(["u"] * 20, [f"i{j % ITEMS}" for j in range(20)], [int(EventType.RATING)] * 20,
                              [float(1 + j % 5) for j in range(20)], [1000 * 60 * j * j for j in range(20)])
-    towers = [seq.SequenceTower(path, vectors, catalog, log, LENGTH) for _ in range(2)]
+    towers = [seq.TowerRecommender(path, vectors, catalog, log, LENGTH) for _ in range(2)]
     first, second = towers[0].query("u"), towers[0].query("u")
     assert first.tobytes() == second.tobytes()
     assert first.tobytes() == towers[1].query("u").tobytes()  # a fresh session too
@@ -86,3 +86,33 @@ def test_gap_buckets_and_type_tokens_in_range():
     assert seq.gap_bucket(None) == 1
     assert all(2 <= seq.gap_bucket(g) < seq.N_GAPS for g in (0, 1, 10**3, 10**6, 10**12, 10**18))
     assert all(0 < seq.type_token(t, v) < seq.N_TYPES for t in range(1, 8) for v in (0.0, 1.0, 5.0, 9.0))
+
+
+def test_train_sequence_for_a_store_from_a_csv_log_serves(tmp_path):
+    """`streamrec train-sequence --store DIR --events log.csv --out F`: a model in that store's item space that
+    the engine loads and answers with."""
+    from streamrec.cli import train_sequence
+    from streamrec.engine.config import EngineConfig
+    from streamrec.engine.engine import Engine
+    from streamrec.engine.offline.datasets import synthetic
+    from streamrec.engine.offline.seeding import seed_engine
+
+    data = synthetic(n_users=40, n_items=120, seed=2)
+    config = EngineConfig(dim=DIM, sync=False, backend="numpy")
+    with Engine(tmp_path / "data" / "lmdb", config) as engine:
+        seed_engine(engine, data)
+    log = data.interactions
+    rows = ["user_id,item_id,type,value,timestamp"] + [
+        f"{u},{i},{int(t)},{float(v)},{int(ts)}" for u, i, t, v, ts in
+        zip(log.user_ids, log.item_ids, log.types, log.values, log.timestamps_ms)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "model" / "tower.onnx"
+    assert train_sequence.main(["--store", str(tmp_path / "data"), "--events", str(tmp_path / "log.csv"),
+                                "--out", str(out), "--epochs", "2", "--length", "8", "--blocks", "1",
+                                "--threads", "1"]) == 0
+    serving = EngineConfig(dim=DIM, sync=False, backend="numpy", user_model="sequence", sequence_model_path=str(out))
+    with Engine(tmp_path / "data" / "lmdb", serving) as engine:
+        assert engine.sequence_item_cosine > 0.99
+        user = str(log.user_ids[0])
+        answer = engine.recommend([engine.build_query(user, 5, rerank=False)])[0]
+        assert answer.user_model == "sequence" and len(answer.item_ids) == 5

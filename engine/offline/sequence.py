@@ -14,7 +14,7 @@ Training: full-softmax cross-entropy over the catalog predicting each next POSIT
 prequential time split only; validation per epoch on a held-out tail of that training part (HR@10/NDCG@10, each
 tail event ranked from the user's last L events before it, seen items excluded).
 
-torch is imported inside the functions that train or export, never at module import: `SequenceTower` (the
+torch is imported inside the functions that train or export, never at module import: `TowerRecommender` (the
 inference side) needs only numpy and onnxruntime.
 """
 from __future__ import annotations
@@ -25,27 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamrec.engine.api import Event, EventType
+from streamrec.engine.api import Event
 from streamrec.engine.offline.datasets import Interactions
 from streamrec.engine.offline.evaluation import Catalog, Popularity, top_rows
+from streamrec.engine.sequence.tower import FORMAT, N_GAPS, N_TYPES, gap_bucket, open_session, sidecar_path, type_token
 from streamrec.engine.signals import is_positive
 
-N_TYPES = 16  # 0 pad, 1..7 event types, 8..13 RATING rounded to 0..5
-N_GAPS = 34  # 0 pad, 1 no previous event, 2..33 log2 buckets of the gap in seconds
-_RATING = int(EventType.RATING)
-
-
-def type_token(event_type: int, value: float) -> int:
-    if int(event_type) == _RATING:
-        return 8 + int(min(max(round(float(value)), 0), 5))
-    return int(event_type)
-
-
-def gap_bucket(gap_ms: int | None) -> int:
-    if gap_ms is None:
-        return 1
-    seconds = max(int(gap_ms), 0) / 1000.0
-    return 2 + min(int(math.log2(1.0 + seconds)), N_GAPS - 3)
+PROBE_ITEMS = 64  # items whose vectors the sidecar keeps, to check a serving catalog's item space
 
 
 @dataclass
@@ -315,6 +301,27 @@ def export_onnx(model, path: str, length: int) -> None:
                       opset_version=17, dynamo=False)
 
 
+def write_sidecar(path: str, item_ids: list[str], item_vectors: np.ndarray, length: int, dataset: str,
+                  training: dict | None = None) -> dict:
+    """The serving metadata beside the ONNX file (engine/sequence/tower.py reads it): the table's item ids in
+    order and a probe of their unit vectors, evenly spread over the table."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    units = _unit(np.asarray(item_vectors, np.float64))
+    picks = np.unique(np.linspace(0, len(item_ids) - 1, min(PROBE_ITEMS, len(item_ids))).astype(int))
+    picks = [int(p) for p in picks if np.any(units[p])]
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    meta = {"format": FORMAT, "version": f"sequence-{dataset}-{digest}", "dataset": dataset, "length": length,
+            "dim": int(units.shape[1]), "item_ids": [str(i) for i in item_ids],
+            "probe": {"item_ids": [str(item_ids[p]) for p in picks],
+                      "vectors": [[round(float(x), 6) for x in units[p]] for p in picks]},
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "training": training or {}}
+    sidecar_path(path).write_text(json.dumps(meta) + "\n")
+    return meta
+
+
 def check_export(model, path: str, length: int, trials: int = 8, seed: int = 0) -> float:
     """Max abs difference between torch and onnxruntime on random right-aligned inputs."""
     import torch
@@ -339,20 +346,11 @@ def check_export(model, path: str, length: int, trials: int = 8, seed: int = 0) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Inference: onnxruntime only (no torch)
+# The prequential replay of an exported tower (onnxruntime only, no torch)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def open_session(path: str, threads: int = 1):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-class SequenceTower:
+class TowerRecommender:
     """A `Recommender` for the prequential replay: the user's query vector is the ONNX tower over their last L
     events (training part + replay so far), items ranked by cosine against the frozen unit item vectors.
     Users with no event yet get the online popularity. shuffle=True permutes each window's events (the

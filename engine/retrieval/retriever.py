@@ -30,13 +30,17 @@ class _Prepared:
     excluded: list[np.ndarray]  # int64 item rows per query (may be shared with caches: never modified)
     include: np.ndarray
     exclude: np.ndarray
+    user_models: list[str] | None = None  # per query, the user model asked for (None: item-to-item)
 
 
 class Retriever:
     """Reads the state under the engine lock, searches without it (the kernels release the GIL)."""
 
-    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend, reranker: Reranker | None = None):
+    def __init__(self, state: State, lock: threading.RLock, backend: TopKBackend, reranker: Reranker | None = None,
+                 default_user_model: str = "ials"):
         self.state = state
+        self.default_user_model = default_user_model  # for queries that name none
+        self.answers = {"ials": 0, "sequence": 0}  # personalised answers by user model
         self.lock = lock
         self.backend = backend
         self.reranker = reranker  # second stage; None or no model loaded: retrieval only
@@ -57,16 +61,18 @@ class Retriever:
         include = np.zeros((b, items.words), np.uint64)
         exclude = np.zeros((b, items.words), np.uint64)
         user_rows = [users.row_of(query.user_id) for query in queries]
+        user_models = None if vectors_for is not None else [q.user_model or self.default_user_model for q in queries]
         if vectors_for is not None:
             query_vectors: list[np.ndarray | None] = list(vectors_for)
         else:
-            known = [i for i, row in enumerate(user_rows) if row is not None]
             query_vectors = [None] * b
-            if known:
-                vectors, usable = users.query_vectors(np.array([user_rows[i] for i in known], np.int64))
-                for j, i in enumerate(known):
-                    if usable[j]:
-                        query_vectors[i] = vectors[j]
+            for model in set(user_models):
+                known = [i for i, row in enumerate(user_rows) if row is not None and user_models[i] == model]
+                if known:
+                    vectors, usable = users.query_vectors(np.array([user_rows[i] for i in known], np.int64), model)
+                    for j, i in enumerate(known):
+                        if usable[j]:
+                            query_vectors[i] = vectors[j]
         excluded: list[np.ndarray] = []
         for q_index, (query, row) in enumerate(zip(queries, user_rows)):
             parts = []
@@ -83,7 +89,8 @@ class Retriever:
             if query.exclude_categories:
                 exclude[q_index] = items.category_mask(query.exclude_categories)
             excluded.append(parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS)
-        return _Prepared(items.vectors[:n], items.live[:n].copy(), items.category_bits[:n], query_vectors, excluded, include, exclude)
+        return _Prepared(items.vectors[:n], items.live[:n].copy(), items.category_bits[:n], query_vectors, excluded,
+                         include, exclude, user_models)
 
     def _filters(self, prepared: _Prepared, picks: list[int]) -> Filters:
         lists = [prepared.excluded[p] for p in picks]
@@ -133,6 +140,9 @@ class Retriever:
                     results[i] = self._reranked_result(queries[i], *reranked[i], plan.model.version)
                 else:
                     results[i] = self._result(queries[i], row_lists[j], scores[j], "personalized")
+                if prepared.user_models is not None:
+                    results[i].user_model = prepared.user_models[i]
+                    self.answers[prepared.user_models[i]] += 1
         if popular:
             k = max(queries[i].k for i in popular)
             rows, scores = self.backend.rank_scores(popularity, k, self._filters(prepared, popular))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from operator import attrgetter
 
 import numpy as np
@@ -34,6 +36,15 @@ _OVERLAP_MIN_EVENTS = 64
 _kernel_executor: tuple[int, ThreadPoolExecutor] | None = None
 
 
+@lru_cache(maxsize=4)
+def sequence_tower(path: str, dim: int):
+    """The loaded sequence tower of `path`, one per process: every State of an Engine (a replica's reloads too)
+    shares it. SequenceModelRejected when the file is not a usable tower."""
+    from streamrec.engine.sequence.tower import SequenceTower
+
+    return SequenceTower(path, dim)
+
+
 def _kernel_thread() -> ThreadPoolExecutor:
     """One helper thread for the update kernel, shared by every State of the process (each call waits for its
     kernel). Keyed by pid: a forked child has the executor but not its thread."""
@@ -60,6 +71,15 @@ class State:
         self._seq_changed = threading.Condition()
         self._applied_seq = 0
         self.embedding_version = 0
+        # The second user model, when configured: per event, the user's query from their latest events.
+        self.sequence = sequence_tower(str(config.sequence_model_path), config.dim) if config.sequence_model_path else None
+        self.sequence_updates = 0
+        self.sequence_seconds = 0.0
+        if self.sequence is not None:
+            if self.sequence.length > config.history_len:
+                raise ValueError(f"the sequence model reads {self.sequence.length} events; the engine keeps "
+                                 f"history_len={config.history_len}")
+            self.users.enable_sequence()
 
     # --- the applied seq, and waiting for it (read-your-writes) ---------------------------------
     @property
@@ -113,6 +133,8 @@ class State:
             apply_update_kernel(*kernel_args)
         try:
             self._record_events(user_rows, item_rows, types, values, timestamps)
+            if self.sequence is not None:  # reads only histories, which the kernel does not write
+                self.update_sequence(np.unique(user_rows))
         finally:  # never return (or raise) while the kernel still writes the state
             if running is not None:
                 running.result()
@@ -126,6 +148,18 @@ class State:
         weights, positive = event_weights(types, values)
         self.users.record_events(user_rows, item_rows, types, values, timestamps, positive)
         self.items.record_interactions(item_rows, weights, timestamps, positive)
+
+    def update_sequence(self, rows) -> None:
+        """Each row's sequence query from its current history (one user per tower run: see sequence/tower.py)."""
+        users, ids, tower = self.users, self.items.ids, self.sequence
+        started = time.perf_counter()
+        for row in rows.tolist() if isinstance(rows, np.ndarray) else rows:
+            history = users.history[row]
+            if history:
+                users.sequence_vectors[row] = tower.query(history, ids.__getitem__)
+                users.sequence_ready[row] = True
+        self.sequence_updates += len(rows)
+        self.sequence_seconds += time.perf_counter() - started
 
     def _user_rows(self, user_ids: list[str]) -> np.ndarray:
         """Row of each event's user; new users get rows in order of first appearance, as ensure() per event."""
@@ -193,6 +227,8 @@ class State:
             users.positive_counts[row] = max(users.positive_counts[row], 1) if np.any(vector) else users.positive_counts[row]
         if refold:
             self.refold_users()
+        if self.sequence is not None:
+            self.update_sequence(sorted(users.rows.values()))
         self.embedding_version += 1
 
     def refold_users(self) -> None:
@@ -228,7 +264,7 @@ class State:
         row = users.row_of(user_id)
         if row is None:
             return None
-        vector = users.query_vector(row)
+        vector = users.query_vector(row, self.config.user_model)
         recent = list(users.history[row])[::-1][:history_limit]
         return UserView(user_id, vector if vector is not None else np.zeros(self.dim, np.float32),
                         [(items.ids[r], t, v, ts) for r, t, v, ts in recent], int(users.event_counts[row]),
@@ -288,6 +324,8 @@ class State:
             users.event_counts[row] = record.event_count
             users.positive_counts[row] = record.positive_count
             users.last_event_ms[row] = record.last_event_ms
+        if self.sequence is not None:
+            self.update_sequence(sorted(users.rows.values()))
         self.rebuild_gram()
         self.clear_dirty()
 

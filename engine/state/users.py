@@ -28,6 +28,11 @@ class UserTable:
         self.hist_strength = np.zeros((0, history_len), np.float32)
         self.hist_ts = np.zeros((0, history_len), np.int64)
         self.hist_count = np.zeros(0, np.int64)
+        # The sequence tower's query per user (engine/sequence/tower.py), a function of `history`; ready once
+        # computed from at least one event. Allocated by enable_sequence(): no memory without a tower.
+        self.sequence_enabled = False
+        self.sequence_vectors = np.zeros((0, dim), np.float32)
+        self.sequence_ready = np.zeros(0, bool)
         self.seen: list[set[int]] = []
         # row -> (the seen set it was made from, its rows as a sorted int64 array): filters take arrays, and
         # a set only grows or is replaced, so same object and same size means still current.
@@ -61,6 +66,9 @@ class UserTable:
                 self.hist_strength = grow(self.hist_strength, row + 1)
                 self.hist_ts = grow(self.hist_ts, row + 1)
                 self.hist_count = grow(self.hist_count, row + 1)
+                if self.sequence_enabled:
+                    self.sequence_vectors = grow(self.sequence_vectors, row + 1)
+                    self.sequence_ready = grow(self.sequence_ready, row + 1)
             self.ids.append(user_id)
             self.seen.append(set())
             self.history.append(deque(maxlen=self.history_len))
@@ -70,10 +78,19 @@ class UserTable:
         self.event_counts[row] = 0
         self.positive_counts[row] = 0
         self.hist_count[row] = 0
+        if self.sequence_enabled:
+            self.sequence_vectors[row] = 0
+            self.sequence_ready[row] = False
         self.seen[row] = set()
         self.history[row] = deque(maxlen=self.history_len)
         self.forgotten.discard(user_id)
         return row
+
+    def enable_sequence(self) -> None:
+        if not self.sequence_enabled:
+            self.sequence_enabled = True
+            self.sequence_vectors = np.zeros((len(self.vectors), self.dim), np.float32)
+            self.sequence_ready = np.zeros(len(self.vectors), bool)
 
     def record(self, row: int, item_row: int, event_type: int, value: float, timestamp_ms: int, positive: bool) -> None:
         self.seen[row].add(item_row)
@@ -111,6 +128,9 @@ class UserTable:
         self.ids[row] = None
         self.vectors[row] = 0
         self.hist_count[row] = 0
+        if self.sequence_enabled:
+            self.sequence_vectors[row] = 0
+            self.sequence_ready[row] = False
         self.seen[row] = set()
         self.history[row] = deque(maxlen=self.history_len)
         self.free_rows.append(row)
@@ -118,14 +138,19 @@ class UserTable:
         self.forgotten.add(user_id)
         return True
 
-    def query_vector(self, row: int) -> np.ndarray | None:
-        """Unit query vector, or None when the user has expressed no positive interest yet."""
-        vectors, usable = self.query_vectors(np.array([row]))
+    def query_vector(self, row: int, user_model: str = "ials") -> np.ndarray | None:
+        """Unit query vector, or None while the user model has nothing for the user (see query_vectors)."""
+        vectors, usable = self.query_vectors(np.array([row]), user_model)
         return vectors[0] if usable[0] else None
 
-    def query_vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(unit query vectors float32 [len(rows), d], usable bool [len(rows)]) for a batch of rows; a row
-        is unusable (its vector meaningless) while the user has expressed no positive interest."""
+    def query_vectors(self, rows: np.ndarray, user_model: str = "ials") -> tuple[np.ndarray, np.ndarray]:
+        """(unit query vectors float32 [len(rows), d], usable bool [len(rows)]) for a batch of rows.
+        user_model "ials": the online fold-in, unusable while the user has expressed no positive interest;
+        "sequence": the sequence tower's query, usable from the user's first event."""
+        if user_model == "sequence":
+            if not self.sequence_enabled:
+                return np.zeros((len(rows), self.dim), np.float32), np.zeros(len(rows), bool)
+            return self.sequence_vectors[rows].copy(), self.sequence_ready[rows].copy()
         vectors = self.vectors[rows].astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
         usable = (self.positive_counts[rows] > 0) & (norms > 1e-12)

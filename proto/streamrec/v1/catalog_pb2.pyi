@@ -207,7 +207,7 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker", "role", "replicas", "replica_reloads", "pid", "snapshots_served")
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker", "role", "replicas", "replica_reloads", "pid", "snapshots_served", "user_model")
     class RecommendBatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class StatsResponse(_message.Message):
     REPLICA_RELOADS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    USER_MODEL_FIELD_NUMBER: _ClassVar[int]
     dim: int
     items: int
     deleted_items: int
@@ -263,4 +264,32 @@ class StatsResponse(_message.Message):
     replica_reloads: int
     pid: int
     snapshots_served: int
-    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ..., snapshots_served: _Optional[int] = ...) -> None: ...
+    user_model: UserModelInfo
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ..., snapshots_served: _Optional[int] = ..., user_model: _Optional[_Union[UserModelInfo, _Mapping]] = ...) -> None: ...
+
+class UserModelInfo(_message.Message):
+    __slots__ = ("default_model", "sequence_version", "sequence_path", "sequence_length", "sequence_updates", "sequence_update_seconds", "item_space_cosine", "answers")
+    class AnswersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_PATH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_UPDATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_SPACE_COSINE_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    default_model: str
+    sequence_version: str
+    sequence_path: str
+    sequence_length: int
+    sequence_updates: int
+    sequence_update_seconds: float
+    item_space_cosine: float
+    answers: _containers.ScalarMap[str, int]
+    def __init__(self, default_model: _Optional[str] = ..., sequence_version: _Optional[str] = ..., sequence_path: _Optional[str] = ..., sequence_length: _Optional[int] = ..., sequence_updates: _Optional[int] = ..., sequence_update_seconds: _Optional[float] = ..., item_space_cosine: _Optional[float] = ..., answers: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/common.proto\x12\x0cstreamrec.v1\"\x84\x01\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x0e\n\x06log_id\x18\x06 \x01(\t\"Y\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x12\n\ncategories\x18\x04 \x03(\t*\xcb\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x05\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x06\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/common.proto\x12\x0cstreamrec.v1\"\x98\x01\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x0e\n\x06log_id\x18\x06 \x01(\t\x12\x12\n\nuser_model\x18\x07 \x01(\t\"Y\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x12\n\ncategories\x18\x04 \x03(\t*\xcb\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x05\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x06\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamrec.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=270
-  _globals['_EVENTTYPE']._serialized_end=473
+  _globals['_EVENTTYPE']._serialized_start=290
+  _globals['_EVENTTYPE']._serialized_end=493
   _globals['_SERVEDBY']._serialized_start=44
-  _globals['_SERVEDBY']._serialized_end=176
-  _globals['_SCOREDITEM']._serialized_start=178
-  _globals['_SCOREDITEM']._serialized_end=267
+  _globals['_SERVEDBY']._serialized_end=196
+  _globals['_SCOREDITEM']._serialized_start=198
+  _globals['_SCOREDITEM']._serialized_end=287
 # @@protoc_insertion_point(module_scope)

@@ -27,20 +27,22 @@ EVENT_TYPE_SKIP: EventType
 EVENT_TYPE_DISLIKE: EventType
 
 class ServedBy(_message.Message):
-    __slots__ = ("model_version", "embedding_version", "applied_seq", "backend", "reranker", "log_id")
+    __slots__ = ("model_version", "embedding_version", "applied_seq", "backend", "reranker", "log_id", "user_model")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     RERANKER_FIELD_NUMBER: _ClassVar[int]
     LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_MODEL_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     embedding_version: int
     applied_seq: int
     backend: str
     reranker: str
     log_id: str
-    def __init__(self, model_version: _Optional[str] = ..., embedding_version: _Optional[int] = ..., applied_seq: _Optional[int] = ..., backend: _Optional[str] = ..., reranker: _Optional[str] = ..., log_id: _Optional[str] = ...) -> None: ...
+    user_model: str
+    def __init__(self, model_version: _Optional[str] = ..., embedding_version: _Optional[int] = ..., applied_seq: _Optional[int] = ..., backend: _Optional[str] = ..., reranker: _Optional[str] = ..., log_id: _Optional[str] = ..., user_model: _Optional[str] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "retrieval_score", "categories")

@@ -1,11 +1,21 @@
 from streamrec.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class UserModel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USER_MODEL_DEFAULT: _ClassVar[UserModel]
+    USER_MODEL_IALS: _ClassVar[UserModel]
+    USER_MODEL_SEQUENCE: _ClassVar[UserModel]
+USER_MODEL_DEFAULT: UserModel
+USER_MODEL_IALS: UserModel
+USER_MODEL_SEQUENCE: UserModel
 
 class RerankOptions(_message.Message):
     __slots__ = ("enabled", "candidates")
@@ -16,7 +26,7 @@ class RerankOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq", "log_id")
+    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq", "log_id", "user_model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +37,7 @@ class RecommendRequest(_message.Message):
     RERANK_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     k: int
@@ -37,7 +48,8 @@ class RecommendRequest(_message.Message):
     rerank: RerankOptions
     min_seq: int
     log_id: str
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ...) -> None: ...
+    user_model: UserModel
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ..., user_model: _Optional[_Union[UserModel, str]] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
