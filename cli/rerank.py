@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--backend", default="numba", help="top-k backend of the replay engines")
+    p.add_argument("--user-model", choices=["ials", "sequence"], default=None,
+                   help="the retrieval to train behind: sequence trains a sequence tower on each replay's seed part "
+                        "first (torch) and builds the user features from its queries")
     p.add_argument("--no-lift", dest="lift", action="store_false", help="skip the lift measurement on the test part")
     p.set_defaults(handler=run)
 
@@ -46,7 +49,7 @@ def run(args) -> int:
     from streamrec.engine.offline.datasets import load
 
     overrides = {name: getattr(args, name) for name in ("dim", "candidates", "seed_fraction", "train_fraction", "seed",
-                                                          "threads", "backend") if getattr(args, name) is not None}
+                                                          "threads", "backend", "user_model") if getattr(args, name) is not None}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     config = TrainConfig(dataset=args.dataset, **overrides)

@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                        help="the sequence tower's ONNX file (env STREAMREC_SEQUENCE_MODEL; trained by streamrec "
                             "train-sequence --store). Unset: the shipped ML-100K model with --user-model sequence, "
                             "none otherwise. A path with --user-model ials: kept up to date and chosen per request")
+    serve.add_argument("--sequence-update", choices=["read", "event"], default=env("SEQUENCE_UPDATE", "read"),
+                       help="when the sequence tower recomputes a user's query: on the first read after their events "
+                            "(read) or on the writer for every event (event); same answers, different cost")
     serve.add_argument("--checkpoint-interval", type=float, default=float(env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
@@ -143,7 +146,8 @@ def run(args) -> int:
     engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
                           reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
                           rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider,
-                          user_model=args.user_model, sequence_model_path=sequence_model_path(args))
+                          user_model=args.user_model, sequence_model_path=sequence_model_path(args),
+                          sequence_update=args.sequence_update)
     config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                           workers=args.workers, engine=engine,
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),

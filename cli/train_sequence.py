@@ -87,61 +87,34 @@ def seeded_item_vectors(train, catalog, folder: Path, dim: int, seed: int) -> np
         return np.stack([np.asarray(engine.get_item(item).vector, np.float32) for item in catalog.ids])
 
 
+def tower_params(args):
+    from streamrec.engine.offline.sequence import TowerParams
+
+    return TowerParams(length=args.length, dim=args.dim, blocks=args.blocks, heads=args.heads, dropout=args.dropout,
+                       epochs=args.epochs, batch=args.batch, lr=args.lr, valid_fraction=args.valid_fraction,
+                       refit=args.refit, seed=args.seed, k=args.k, threads=args.threads)
+
+
 def train_and_export(args, train, catalog, item_vectors) -> dict:
-    import torch
+    from streamrec.engine.offline.sequence import fit_and_export
 
-    from streamrec.engine.offline import sequence as seq
-    from streamrec.engine.offline.evaluation import time_split
-
-    torch.set_num_threads(args.threads)
-    fit_part, tail = time_split(train, 1.0 - args.valid_fraction)
-    fit_logs = seq.user_logs(fit_part.interactions, catalog)
-    windows = seq.training_windows(fit_logs, args.length)
-    valid = seq.validation_steps(seq.user_logs(fit_part.interactions, catalog), tail, catalog, args.length)
-    _say(f"training windows {len(windows['items'])} ({int((windows['targets'] > 0).sum())} targets), "
-         f"validation steps {len(valid['target'])}")
-    model = seq.build_model(item_vectors, args.length, args.dim, args.blocks, args.heads, args.dropout, args.seed)
-    report = seq.train_tower(model, windows, valid, args.epochs, args.batch, args.lr, seed=args.seed, k=args.k)
-    info = {"history": report.history, "best_epoch": report.best_epoch, "train_seconds": round(report.seconds, 1),
-            "windows": len(windows["items"]), "validation_steps": len(valid["target"])}
-    best = report.history[report.best_epoch - 1]
-    _say(f"best epoch {report.best_epoch}: validation HR@{args.k} {best[f'hr@{args.k}']:.4f} "
-         f"NDCG@{args.k} {best[f'ndcg@{args.k}']:.4f} ({report.seconds:.0f} s)")
-    if args.refit:
-        windows = seq.training_windows(seq.user_logs(train.interactions, catalog), args.length)
-        model = seq.build_model(item_vectors, args.length, args.dim, args.blocks, args.heads, args.dropout, args.seed)
-        refit = seq.train_tower(model, windows, None, report.best_epoch, args.batch, args.lr, seed=args.seed, k=args.k)
-        info.update(refit_epochs=report.best_epoch, refit_seconds=round(refit.seconds, 1))
-        _say(f"refit on the whole training part for {report.best_epoch} epochs ({refit.seconds:.0f} s)")
-    seq.export_onnx(model, args.onnx, args.length)
-    info["onnx_max_abs_diff"] = seq.check_export(model, args.onnx, args.length)
-    _say(f"exported {args.onnx}; torch vs onnxruntime max abs diff {info['onnx_max_abs_diff']:.2e}")
-    if info["onnx_max_abs_diff"] >= 1e-4:
-        raise RuntimeError(f"ONNX export differs from torch by {info['onnx_max_abs_diff']}")
-    return info
+    return fit_and_export(train, catalog, item_vectors, args.onnx, tower_params(args), say=_say)
 
 
 def store_item_vectors(store: Path, item_ids) -> tuple[list[str], np.ndarray]:
     """(ids the store holds live, their vectors) among `item_ids`, read through a read-only replica Engine."""
-    from streamrec.engine import Engine, EngineConfig, NotFound
+    from streamrec.engine import Engine, EngineConfig
     from streamrec.engine.config import STORE_FOLDER
+    from streamrec.engine.offline.sequence import engine_item_vectors
 
     folder = store / STORE_FOLDER if (store / STORE_FOLDER).exists() else store
     if not Engine.holds_store(folder):
         raise SystemExit(f"no streamrec store in {store} (seed one first: streamrec serve --data-dir {store})")
-    found, vectors = [], []
     with Engine(folder, EngineConfig(backend="numpy", sync=False), replica=True) as engine:
-        for item_id in item_ids:
-            try:
-                view = engine.get_item(item_id)
-            except NotFound:
-                continue
-            if not view.deleted and np.any(view.vector):
-                found.append(item_id)
-                vectors.append(np.asarray(view.vector, np.float32))
+        found, vectors = engine_item_vectors(engine, item_ids)
     if not found:
         raise SystemExit(f"none of the events' items is in the store at {store}")
-    return found, np.stack(vectors)
+    return found, vectors
 
 
 def run_for_store(args) -> int:
@@ -166,9 +139,8 @@ def run_for_store(args) -> int:
     args.dim, args.onnx = int(item_vectors.shape[1]), str(args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     info = train_and_export(args, everything, catalog, item_vectors)
-    meta = seq.write_sidecar(args.onnx, ids, item_vectors, args.length, name,
-                             {k: v for k, v in info.items() if k != "history"})
-    _say(f"wrote {args.out} and {Path(args.out).with_suffix('.json')} (version {meta['version']})")
+    meta = json.loads(seq.sidecar_path(args.onnx).read_text())
+    _say(f"wrote {args.out} and {seq.sidecar_path(args.onnx)} (version {meta['version']})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "training": info}, indent=2, default=str) + "\n")
     return 0
@@ -205,7 +177,6 @@ def run(args) -> int:
         item_vectors = seeded_item_vectors(train, catalog, Path(tmp) / "engine", args.dim, args.seed)
         _say(f"seeded the engine and read {len(item_vectors)} item vectors in {time.perf_counter() - t0:.1f} s")
         record["training"] = train_and_export(args, train, catalog, item_vectors)
-        seq.write_sidecar(args.onnx, catalog.ids, item_vectors, args.length, train.name)
         if "sequence" in wanted:
             replay(seq.TowerRecommender(args.onnx, item_vectors, catalog, history, args.length))
         if "shuffled" in wanted:

@@ -70,4 +70,8 @@ class EngineConfig:
     # sequence one needs a model. Replicas must load the same model to give the same answers.
     user_model: str = "ials"
     sequence_model_path: str | None = None
+    # When the tower recomputes a user's query: "read", on the first read after the user's events change (a
+    # cache keyed by the user's event count); "event", for every user of each applied batch (the writer pays).
+    # Both give the same bits: the query is a function of the user's history.
+    sequence_update: str = "read"
     limits: Limits = field(default_factory=Limits)

@@ -75,6 +75,8 @@ class Engine:
         self.observer = observer or EngineObserver()
         if config.user_model not in ("ials", "sequence"):
             raise ValueError(f"user_model must be ials or sequence, not {config.user_model!r}")
+        if config.sequence_update not in ("read", "event"):
+            raise ValueError(f"sequence_update must be read or event, not {config.sequence_update!r}")
         if config.user_model == "sequence" and not config.sequence_model_path:
             raise ValueError("user_model sequence needs a sequence model (sequence_model_path)")
         replica = replica or source is not None
@@ -309,10 +311,12 @@ class Engine:
     def rerank_features(self, user_id: str, item_ids: list[str], scores: np.ndarray) -> np.ndarray:
         """The feature rows the second stage would score for this user and these retrieved candidates now.
         Training builds its examples with it, so what a model learns from is what serving gives it."""
+        if self.config.user_model == "sequence":
+            self.retriever.refresh_sequence([user_id])
         with self.lock:
             items, users = self.state.items, self.state.users
             row = users.row_of(user_id)
-            user = capture_user(users, row, users.query_vector(row))
+            user = capture_user(users, row, users.query_vector(row, self.config.user_model))
             arrays, now_ms = ItemArrays.of(items), state_clock_ms(items)
             rows = np.fromiter((items.rows[i] for i in item_ids), np.int64, len(item_ids))
         return build_features([user], [rows], [np.asarray(scores, np.float32)], arrays, now_ms)
@@ -381,6 +385,8 @@ class Engine:
 
     def get_user(self, user_id: str, history_limit: int = 20) -> UserView:
         check_id("user_id", user_id, self.limits)
+        if self.config.user_model == "sequence":
+            self.retriever.refresh_sequence([user_id])
         with self.lock:
             view = self.state.user_view(user_id, history_limit)
         if view is None:
@@ -420,7 +426,8 @@ class Engine:
     def user_model_info(self) -> dict:
         """Which user model answers by default, the sequence model when one is loaded, and the answers of each."""
         state = self.state
-        info = {"default": self.config.user_model, "answers": dict(self.retriever.answers)}
+        info = {"default": self.config.user_model, "answers": dict(self.retriever.answers),
+                "sequence_update": self.config.sequence_update}
         if state.sequence is not None:
             info["sequence"] = {**state.sequence.info(), "updates": state.sequence_updates,
                                 "update_seconds": state.sequence_seconds, "item_space_cosine": self.sequence_item_cosine}

@@ -102,7 +102,8 @@ def user_model_info(info: dict) -> catalog_pb2.UserModelInfo:
         default_model=info.get("default", ""), sequence_version=sequence.get("version", ""),
         sequence_path=sequence.get("path", ""), sequence_length=sequence.get("length", 0),
         sequence_updates=sequence.get("updates", 0), sequence_update_seconds=sequence.get("update_seconds", 0.0),
-        item_space_cosine=sequence.get("item_space_cosine") or 0.0, answers=info.get("answers", {}))
+        item_space_cosine=sequence.get("item_space_cosine") or 0.0, answers=info.get("answers", {}),
+        sequence_update=info.get("sequence_update", ""))
 
 
 def item_spec_from(item: catalog_pb2.Item) -> ItemSpec:

@@ -28,7 +28,7 @@ from streamrec.engine.store.store import Store  # noqa: E402
 def main() -> None:
     path, dim = Path(sys.argv[1]), int(sys.argv[2])
     map_bytes = int(sys.argv[3]) if len(sys.argv) > 3 else 64 << 20
-    config = EngineConfig(dim=dim, sequence_model_path=sys.argv[4] if len(sys.argv) > 4 else None)
+    config = EngineConfig(dim=dim, sequence_model_path=sys.argv[4] if len(sys.argv) > 4 else None, sequence_update="event")
     store = Store(path, readonly=True, initial_map_size=map_bytes)
     state = State(config)
     follower = LogFollower(store, state, threading.RLock(), Reranker(dim, provider="cpu"), config, lambda: "none")

@@ -1,7 +1,8 @@
-"""The sequence tower served (engine/sequence/tower.py, State.update_sequence): every event recomputes its
-user's query; the same log gives bit-identical queries after a restart, on a replica, and however the events
-were batched; requests choose the user model and answers say which served; bad models and bad requests are
-refused by name. The tower here is hand-built (tests/sequence_model.py); the last test loads the shipped one."""
+"""The sequence tower served (engine/sequence/tower.py): a user's query is recomputed after their events, on
+the writer (sequence_update "event") or on their next read ("read"), with the same bits either way; the same
+log gives bit-identical queries after a restart, on a replica, and however the events were batched; requests
+choose the user model and answers say which served; bad models and bad requests are refused by name. The tower
+here is hand-built (tests/sequence_model.py); the last test loads the shipped one."""
 from __future__ import annotations
 
 import logging
@@ -70,9 +71,10 @@ def recommend(engine: Engine, user: str, model: str = "sequence", k: int = 10):
     return engine.recommend([engine.build_query(user, k, user_model=model, rerank=False)])[0]
 
 
-def test_each_event_moves_the_next_sequence_answer(seeded):
+@pytest.mark.parametrize("update", ["read", "event"])
+def test_each_event_moves_the_next_sequence_answer(seeded, update):
     _, tower, ids = seeded
-    with Engine(copy_store(seeded, "moves"), config(tower)) as engine:
+    with Engine(copy_store(seeded, f"moves-{update}"), config(tower, sequence_update=update)) as engine:
         cold = recommend(engine, "newcomer")
         assert cold.strategy == "popular" and cold.user_model == ""
         engine.ingest(events_for("newcomer", [ids[3]]))
@@ -97,7 +99,7 @@ def test_the_query_is_the_model_of_the_users_latest_events(seeded):
     _, tower, ids = seeded
     from streamrec.engine.sequence.tower import SequenceTower
 
-    with Engine(copy_store(seeded, "direct"), config(tower)) as engine:
+    with Engine(copy_store(seeded, "direct"), config(tower, sequence_update="event")) as engine:
         engine.ingest(events_for("direct", ids[10:30]))
         users, items = engine.state.users, engine.state.items
         row = users.row_of("direct")
@@ -111,10 +113,11 @@ def test_same_log_gives_bit_identical_queries_however_batched_and_after_restart(
     rng = np.random.default_rng(0)
     log = []
     for n in range(120):
-        user = f"s{rng.integers(0, 25)}" if n % 3 else str(rng.integers(0, 60))  # new and seeded users
+        user = f"s{rng.integers(0, 25)}" if n % 3 else f"u{rng.integers(0, 60)}"  # new and seeded users
         log += events_for(user, [ids[int(rng.integers(0, len(ids)))]], start=n)
     one_by_one, batched = copy_store(seeded, "one-by-one"), copy_store(seeded, "batched")
-    with Engine(one_by_one, config(tower)) as a, Engine(batched, config(tower)) as b:
+    on_event = config(tower, sequence_update="event")
+    with Engine(one_by_one, on_event) as a, Engine(batched, on_event) as b:
         for event in log:
             a.ingest([event])
         for start in range(0, len(log), 37):
@@ -123,12 +126,12 @@ def test_same_log_gives_bit_identical_queries_however_batched_and_after_restart(
             live_a, live_b = state_snapshot(a.state), state_snapshot(b.state)
         assert live_a["sequence"] == live_b["sequence"] and len(live_a["sequence"]) > 60
         b.close(checkpoint=False)  # as after a crash: the restart replays the log
-    with Engine(batched, config(tower)) as restarted:
+    with Engine(batched, on_event) as restarted:
         assert restarted.recovered_records >= len(log)
         with restarted.lock:
             assert state_snapshot(restarted.state)["sequence"] == live_a["sequence"]
         restarted.checkpoint()
-    with Engine(batched, config(tower)) as from_checkpoint:  # rebuilt from the checkpointed histories
+    with Engine(batched, on_event) as from_checkpoint:  # rebuilt from the checkpointed histories
         with from_checkpoint.lock:
             assert state_snapshot(from_checkpoint.state)["sequence"] == live_a["sequence"]
 
@@ -136,13 +139,13 @@ def test_same_log_gives_bit_identical_queries_however_batched_and_after_restart(
 def test_a_replica_serves_the_same_queries(seeded):
     _, tower, ids = seeded
     store = copy_store(seeded, "replicated")
-    with Engine(store, config(tower)) as primary:
+    with Engine(store, config(tower, sequence_update="event")) as primary:
         primary.checkpoint()
         probe = subprocess.Popen([sys.executable, str(PROBE), str(store), str(DIM), str(64 << 20), str(tower)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert probe.stdout.readline().strip() == "ready"
-            primary.ingest(events_for("r1", ids[:12]) + events_for("r2", ids[40:45]) + events_for("3", ids[90:95]))
+            primary.ingest(events_for("r1", ids[:12]) + events_for("r2", ids[40:45]) + events_for("u3", ids[90:95]))
             primary.forget_user("r2")
             primary.ingest(events_for("r1", ids[100:103], start=12))
             probe.stdin.write("catchup\n")
@@ -165,10 +168,44 @@ def test_a_replica_serves_the_same_queries(seeded):
             probe.wait(30)
 
 
+def test_a_query_computed_on_read_equals_the_one_computed_on_the_writer(seeded):
+    """The same events through both modes: every user's read-time query has the event-time query's bits, a
+    read computes only users whose events changed since their last one, and an event makes it stale."""
+    _, tower, ids = seeded
+    rng = np.random.default_rng(4)
+    log = []
+    for n in range(60):
+        log += events_for(f"m{rng.integers(0, 12)}", [ids[int(rng.integers(0, len(ids)))]], start=n)
+    users = sorted({e.user_id for e in log}) + ["u0", "u7"]  # and two seeded users with no new event
+    with Engine(copy_store(seeded, "on-read"), config(tower)) as lazy, \
+            Engine(copy_store(seeded, "on-event"), config(tower, sequence_update="event")) as eager:
+        for start in range(0, len(log), 9):
+            lazy.ingest(log[start:start + 9])
+            eager.ingest(log[start:start + 9])
+        assert lazy.state.sequence_updates == 0  # nothing computed before a read
+        for user in users:
+            a, b = recommend(lazy, user), recommend(eager, user)
+            assert a.item_ids == b.item_ids and a.scores.tobytes() == b.scores.tobytes(), user
+        row = lazy.state.users.row_of("m3")
+        assert lazy.state.users.sequence_vectors[row].tobytes() == eager.state.users.sequence_vectors[
+            eager.state.users.row_of("m3")].tobytes()
+        computed = lazy.state.sequence_updates
+        assert computed == len(users)
+        recommend(lazy, "m3")
+        assert lazy.state.sequence_updates == computed  # still current: no recomputation
+        lazy.ingest(events_for("m3", [ids[77]], start=500))
+        eager.ingest(events_for("m3", [ids[77]], start=500))
+        assert recommend(lazy, "m3").item_ids == recommend(eager, "m3").item_ids
+        assert lazy.state.sequence_updates == computed + 1
+
+
 def test_forget_clears_the_sequence_query(seeded):
     _, tower, ids = seeded
     with Engine(copy_store(seeded, "forget"), config(tower, user_model="sequence")) as engine:
         engine.ingest(events_for("gone", ids[:5]))
+        view = engine.get_user("gone")  # computes the query on read, as a Recommend would
+        row = engine.state.users.row_of("gone")
+        assert view.vector.tobytes() == engine.state.users.sequence_vectors[row].tobytes() and np.any(view.vector)
         assert recommend(engine, "gone", "").user_model == "sequence"  # the server default
         engine.forget_user("gone")
         assert recommend(engine, "gone", "").strategy == "popular"

@@ -27,7 +27,7 @@ import logging
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     backend: str = "numba"
+    # The retrieval the reranker is trained behind: "sequence" trains a sequence tower on each replay engine's
+    # seed part (against its item vectors) and serves it; the reranker's user features are then its queries.
+    user_model: str = "ials"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,9 +107,20 @@ class _RecordingEngine(StreamrecEngine):
 
 
 def _open_seeded(folder: Path, train: Dataset, config: EngineConfig, seed: int) -> Engine:
-    engine = Engine(folder, config)
+    """An engine seeded with `train`; with config.user_model "sequence", a tower is first trained on `train`
+    alone against the seeded item vectors (folder/../tower.onnx) and the engine reopened serving it."""
+    engine = Engine(folder, replace(config, user_model="ials", sequence_model_path=None))
     seed_engine(engine, train, seed)
-    return engine
+    if config.user_model != "sequence":
+        return engine
+    from streamrec.engine.offline import sequence as seq
+
+    ids, vectors = seq.engine_item_vectors(engine, list(train.item_categories))
+    engine.close()
+    tower = folder.parent / f"{folder.name}-tower.onnx"
+    seq.fit_and_export(train, Catalog(ids), vectors, str(tower), seq.TowerParams(dim=config.dim, refit=True, seed=seed),
+                       say=log.info)
+    return Engine(folder, replace(config, sequence_model_path=str(tower)))
 
 
 def step_features(engine: Engine, user_id: str, item_ids: list[str], scores: np.ndarray) -> np.ndarray:
@@ -131,7 +145,8 @@ def collect_impressions(dataset: Dataset, cfg: TrainConfig, workdir: Path) -> Im
     seed_part, impression_log = time_split(train_part, cfg.seed_fraction / cfg.train_fraction)
     events = replay_events(impression_log, "impression-")
     valid_from = int(len(events) * (1.0 - cfg.validation_fraction))
-    engine_config = EngineConfig(dim=cfg.dim, sync=False, backend=cfg.backend, rerank_by_default=False)
+    engine_config = EngineConfig(dim=cfg.dim, sync=False, backend=cfg.backend, rerank_by_default=False,
+                                 user_model=cfg.user_model)  # "sequence": _open_seeded trains its tower
     rng = np.random.default_rng(cfg.seed)
     train_lists: list[np.ndarray] = []
     train_logw: list[np.ndarray] = []
@@ -188,7 +203,7 @@ def collect_impressions(dataset: Dataset, cfg: TrainConfig, workdir: Path) -> Im
 
 def measure_lift(dataset: Dataset, model_path: str | Path, train_fraction: float = 0.8, candidates: int = 200,
                  k: int = 10, dim: int = 64, seed: int = 0, backend: str = "numba", workdir: Path | None = None,
-                 check_offline: bool = True) -> dict:
+                 check_offline: bool = True, user_model: str = "ials") -> dict:
     """Prequential replay of the test part (after `train_fraction`) through an engine seeded with the part
     before it, with the reranker loaded. At each evaluated step the same engine state answers twice:
     retrieval only (the harness's metrics) and retrieval + rerank through the serving path
@@ -202,7 +217,8 @@ def measure_lift(dataset: Dataset, model_path: str | Path, train_fraction: float
     mismatches = 0
     reranked_steps = 0
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        config = EngineConfig(dim=dim, sync=False, backend=backend, rerank_by_default=False, rerank_candidates=candidates)
+        config = EngineConfig(dim=dim, sync=False, backend=backend, rerank_by_default=False, rerank_candidates=candidates,
+                              user_model=user_model)
         engine = _open_seeded(Path(tmp) / "lift", train, config, seed)
         try:
             engine.load_reranker(model_path)
@@ -240,7 +256,7 @@ def measure_lift(dataset: Dataset, model_path: str | Path, train_fraction: float
         "ndcg_diff": ndcg_b - result.ndcg, "ndcg_diff_se": se,  # standard error of the paired per-step difference
         "steps_better": int((diff > 0).sum()), "steps_worse": int((diff < 0).sum()),
         "strategies": result.details.get("strategies", {}), "offline_mismatches": mismatches if check_offline else None,
-        "seconds": round(result.seconds, 1), "model": str(model_path),
+        "seconds": round(result.seconds, 1), "model": str(model_path), "user_model": user_model,
     }
 
 
@@ -458,7 +474,8 @@ def train_reranker(dataset: Dataset, out: Path, cfg: TrainConfig, command: str =
     side = sidecar_path(out)
     side.write_text(json.dumps(metadata, indent=1) + "\n")
     if lift:
-        metadata["lift"] = measure_lift(dataset, out, cfg.train_fraction, cfg.candidates, 10, cfg.dim, cfg.seed, cfg.backend)
+        metadata["lift"] = measure_lift(dataset, out, cfg.train_fraction, cfg.candidates, 10, cfg.dim, cfg.seed, cfg.backend,
+                                        user_model=cfg.user_model)
         side.write_text(json.dumps(metadata, indent=1) + "\n")
     metadata["seconds"] = round(time.perf_counter() - started, 1)
     side.write_text(json.dumps(metadata, indent=1) + "\n")

@@ -301,6 +301,79 @@ def export_onnx(model, path: str, length: int) -> None:
                       opset_version=17, dynamo=False)
 
 
+@dataclass
+class TowerParams:
+    length: int = 50
+    dim: int = 64
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    epochs: int = 40
+    batch: int = 128
+    lr: float = 2e-3
+    valid_fraction: float = 0.1  # the tail of the training events that chooses the epoch count
+    refit: bool = False  # then retrain on every training event for that many epochs
+    seed: int = 0
+    k: int = 10
+    threads: int = 2
+    progress: bool = True
+
+
+def fit_and_export(train, catalog: Catalog, item_vectors: np.ndarray, onnx_path: str, params: TowerParams,
+                   say=print) -> dict:
+    """Train a tower on `train` (a Dataset; its last valid_fraction validates), export it to `onnx_path`, check
+    the export against torch and write the serving sidecar. Returns what training measured."""
+    import torch
+
+    from streamrec.engine.offline.evaluation import time_split
+
+    p = params
+    torch.set_num_threads(p.threads)
+    fit_part, tail = time_split(train, 1.0 - p.valid_fraction)
+    windows = training_windows(user_logs(fit_part.interactions, catalog), p.length)
+    valid = validation_steps(user_logs(fit_part.interactions, catalog), tail, catalog, p.length)
+    say(f"training windows {len(windows['items'])} ({int((windows['targets'] > 0).sum())} targets), "
+        f"validation steps {len(valid['target'])}")
+    model = build_model(item_vectors, p.length, p.dim, p.blocks, p.heads, p.dropout, p.seed)
+    report = train_tower(model, windows, valid, p.epochs, p.batch, p.lr, seed=p.seed, k=p.k, progress=p.progress)
+    info = {"history": report.history, "best_epoch": report.best_epoch, "train_seconds": round(report.seconds, 1),
+            "windows": len(windows["items"]), "validation_steps": len(valid["target"])}
+    best = report.history[report.best_epoch - 1]
+    say(f"best epoch {report.best_epoch}: validation HR@{p.k} {best[f'hr@{p.k}']:.4f} "
+        f"NDCG@{p.k} {best[f'ndcg@{p.k}']:.4f} ({report.seconds:.0f} s)")
+    if p.refit:
+        windows = training_windows(user_logs(train.interactions, catalog), p.length)
+        model = build_model(item_vectors, p.length, p.dim, p.blocks, p.heads, p.dropout, p.seed)
+        refit = train_tower(model, windows, None, report.best_epoch, p.batch, p.lr, seed=p.seed, k=p.k,
+                            progress=p.progress)
+        info.update(refit_epochs=report.best_epoch, refit_seconds=round(refit.seconds, 1))
+        say(f"refit on the whole training part for {report.best_epoch} epochs ({refit.seconds:.0f} s)")
+    export_onnx(model, onnx_path, p.length)
+    info["onnx_max_abs_diff"] = check_export(model, onnx_path, p.length)
+    say(f"exported {onnx_path}; torch vs onnxruntime max abs diff {info['onnx_max_abs_diff']:.2e}")
+    if info["onnx_max_abs_diff"] >= 1e-4:
+        raise RuntimeError(f"ONNX export differs from torch by {info['onnx_max_abs_diff']}")
+    write_sidecar(onnx_path, catalog.ids, item_vectors, p.length, train.name,
+                  {k: v for k, v in info.items() if k != "history"})
+    return info
+
+
+def engine_item_vectors(engine, item_ids) -> tuple[list[str], np.ndarray]:
+    """(the ids among `item_ids` that `engine` holds live with a vector, those vectors) through the Engine API."""
+    from streamrec.engine.errors import NotFound
+
+    found, vectors = [], []
+    for item_id in item_ids:
+        try:
+            view = engine.get_item(item_id)
+        except NotFound:
+            continue
+        if not view.deleted and np.any(view.vector):
+            found.append(item_id)
+            vectors.append(np.asarray(view.vector, np.float32))
+    return found, (np.stack(vectors) if vectors else np.zeros((0, engine.dim), np.float32))
+
+
 def write_sidecar(path: str, item_ids: list[str], item_vectors: np.ndarray, length: int, dataset: str,
                   training: dict | None = None) -> dict:
     """The serving metadata beside the ONNX file (engine/sequence/tower.py reads it): the table's item ids in

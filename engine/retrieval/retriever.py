@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,28 @@ class Retriever:
             item_cats=prepared.category_bits, include_cats=prepared.include[picks], exclude_cats=prepared.exclude[picks],
         )
 
+    def refresh_sequence(self, user_ids: list[str]) -> None:
+        """Compute the sequence queries of these users that are not current (sequence_update "read"), running
+        the tower off the engine lock so that writes and other reads go on meanwhile."""
+        state = self.state
+        if state.sequence is None:
+            return
+        with self.lock:
+            users = state.users
+            rows = [row for row in map(users.row_of, user_ids) if row is not None]
+            jobs = state.stale_sequence(rows) if rows else []
+        if not jobs:
+            return
+        started = time.perf_counter()
+        vectors = [state.sequence.query_window(window) for _, _, window in jobs]
+        with self.lock:
+            if state.users is users:  # rows still name the same users (a replica's reload replaces the table)
+                state.store_sequence(jobs, vectors, time.perf_counter() - started)
+
     def recommend(self, queries: list[RecommendQuery]) -> list[Recommendation]:
+        sequence_users = [q.user_id for q in queries if (q.user_model or self.default_user_model) == "sequence"]
+        if sequence_users:
+            self.refresh_sequence(sequence_users)
         with self.lock:
             prepared = self._prepare(queries)
             # Only cold-start queries rank by popularity: skip the pass over every item when none is in the batch.

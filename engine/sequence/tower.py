@@ -153,7 +153,11 @@ class SequenceTower:
         return out[-self.length:]
 
     def query(self, history: Sequence[tuple], item_id_of: Callable[[int], str | None]) -> np.ndarray:
-        return self.session.run(["query"], self._feeds(self.window(history, item_id_of)))[0][0]
+        return self.query_window(self.window(history, item_id_of))
+
+    def query_window(self, window: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """The query of a window() (onnxruntime releases the GIL: no lock needs to be held)."""
+        return self.session.run(["query"], self._feeds(window))[0][0]
 
     def info(self) -> dict:
         return {"version": self.version, "path": self.path, "length": self.length, "items": len(self.index),

@@ -133,8 +133,8 @@ class State:
             apply_update_kernel(*kernel_args)
         try:
             self._record_events(user_rows, item_rows, types, values, timestamps)
-            if self.sequence is not None:  # reads only histories, which the kernel does not write
-                self.update_sequence(np.unique(user_rows))
+            if self.sequence is not None and self.config.sequence_update == "event":
+                self.update_sequence(np.unique(user_rows))  # reads only histories, which the kernel does not write
         finally:  # never return (or raise) while the kernel still writes the state
             if running is not None:
                 running.result()
@@ -158,8 +158,31 @@ class State:
             if history:
                 users.sequence_vectors[row] = tower.query(history, ids.__getitem__)
                 users.sequence_ready[row] = True
+                users.sequence_stamp[row] = users.event_counts[row]
         self.sequence_updates += len(rows)
         self.sequence_seconds += time.perf_counter() - started
+
+    def stale_sequence(self, rows) -> list[tuple[int, int, list]]:
+        """(row, stamp, model window) of each row whose sequence query is not current, to compute off the lock
+        (the caller holds it now); store_sequence() keeps the results."""
+        users, ids, tower = self.users, self.items.ids, self.sequence
+        jobs = []
+        for row in set(rows):
+            if users.history[row] and not (users.sequence_ready[row] and users.sequence_stamp[row] == users.event_counts[row]):
+                jobs.append((row, int(users.event_counts[row]), tower.window(users.history[row], ids.__getitem__)))
+        return jobs
+
+    def store_sequence(self, jobs: list[tuple[int, int, list]], vectors: list[np.ndarray], seconds: float) -> None:
+        """Keep the queries computed for stale_sequence's jobs whose user has had no event since (the caller
+        holds the lock); a user who has is stale again and computed on their next read."""
+        users = self.users
+        for (row, stamp, _), vector in zip(jobs, vectors):
+            if users.event_counts[row] == stamp and users.history[row]:
+                users.sequence_vectors[row] = vector
+                users.sequence_ready[row] = True
+                users.sequence_stamp[row] = stamp
+        self.sequence_updates += len(jobs)
+        self.sequence_seconds += seconds
 
     def _user_rows(self, user_ids: list[str]) -> np.ndarray:
         """Row of each event's user; new users get rows in order of first appearance, as ensure() per event."""
@@ -227,7 +250,7 @@ class State:
             users.positive_counts[row] = max(users.positive_counts[row], 1) if np.any(vector) else users.positive_counts[row]
         if refold:
             self.refold_users()
-        if self.sequence is not None:
+        if self.sequence is not None and self.config.sequence_update == "event":
             self.update_sequence(sorted(users.rows.values()))
         self.embedding_version += 1
 
@@ -324,7 +347,7 @@ class State:
             users.event_counts[row] = record.event_count
             users.positive_counts[row] = record.positive_count
             users.last_event_ms[row] = record.last_event_ms
-        if self.sequence is not None:
+        if self.sequence is not None and self.config.sequence_update == "event":
             self.update_sequence(sorted(users.rows.values()))
         self.rebuild_gram()
         self.clear_dirty()

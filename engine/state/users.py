@@ -33,6 +33,7 @@ class UserTable:
         self.sequence_enabled = False
         self.sequence_vectors = np.zeros((0, dim), np.float32)
         self.sequence_ready = np.zeros(0, bool)
+        self.sequence_stamp = np.zeros(0, np.int64)  # event_counts when computed: current while they are equal
         self.seen: list[set[int]] = []
         # row -> (the seen set it was made from, its rows as a sorted int64 array): filters take arrays, and
         # a set only grows or is replaced, so same object and same size means still current.
@@ -69,6 +70,7 @@ class UserTable:
                 if self.sequence_enabled:
                     self.sequence_vectors = grow(self.sequence_vectors, row + 1)
                     self.sequence_ready = grow(self.sequence_ready, row + 1)
+                    self.sequence_stamp = grow(self.sequence_stamp, row + 1)
             self.ids.append(user_id)
             self.seen.append(set())
             self.history.append(deque(maxlen=self.history_len))
@@ -91,6 +93,7 @@ class UserTable:
             self.sequence_enabled = True
             self.sequence_vectors = np.zeros((len(self.vectors), self.dim), np.float32)
             self.sequence_ready = np.zeros(len(self.vectors), bool)
+            self.sequence_stamp = np.zeros(len(self.vectors), np.int64)
 
     def record(self, row: int, item_row: int, event_type: int, value: float, timestamp_ms: int, positive: bool) -> None:
         self.seen[row].add(item_row)
@@ -146,11 +149,13 @@ class UserTable:
     def query_vectors(self, rows: np.ndarray, user_model: str = "ials") -> tuple[np.ndarray, np.ndarray]:
         """(unit query vectors float32 [len(rows), d], usable bool [len(rows)]) for a batch of rows.
         user_model "ials": the online fold-in, unusable while the user has expressed no positive interest;
-        "sequence": the sequence tower's query, usable from the user's first event."""
+        "sequence": the sequence tower's query, usable from the user's first event once computed for the
+        user's current events (State.stale_sequence lists the rows to compute)."""
         if user_model == "sequence":
             if not self.sequence_enabled:
                 return np.zeros((len(rows), self.dim), np.float32), np.zeros(len(rows), bool)
-            return self.sequence_vectors[rows].copy(), self.sequence_ready[rows].copy()
+            current = self.sequence_ready[rows] & (self.sequence_stamp[rows] == self.event_counts[rows])
+            return self.sequence_vectors[rows].copy(), current
         vectors = self.vectors[rows].astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
         usable = (self.positive_counts[rows] > 0) & (norms > 1e-12)

@@ -268,7 +268,7 @@ class StatsResponse(_message.Message):
     def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ..., snapshots_served: _Optional[int] = ..., user_model: _Optional[_Union[UserModelInfo, _Mapping]] = ...) -> None: ...
 
 class UserModelInfo(_message.Message):
-    __slots__ = ("default_model", "sequence_version", "sequence_path", "sequence_length", "sequence_updates", "sequence_update_seconds", "item_space_cosine", "answers")
+    __slots__ = ("default_model", "sequence_version", "sequence_path", "sequence_length", "sequence_updates", "sequence_update_seconds", "item_space_cosine", "answers", "sequence_update")
     class AnswersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class UserModelInfo(_message.Message):
     SEQUENCE_UPDATE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ITEM_SPACE_COSINE_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_UPDATE_FIELD_NUMBER: _ClassVar[int]
     default_model: str
     sequence_version: str
     sequence_path: str
@@ -292,4 +293,5 @@ class UserModelInfo(_message.Message):
     sequence_update_seconds: float
     item_space_cosine: float
     answers: _containers.ScalarMap[str, int]
-    def __init__(self, default_model: _Optional[str] = ..., sequence_version: _Optional[str] = ..., sequence_path: _Optional[str] = ..., sequence_length: _Optional[int] = ..., sequence_updates: _Optional[int] = ..., sequence_update_seconds: _Optional[float] = ..., item_space_cosine: _Optional[float] = ..., answers: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    sequence_update: str
+    def __init__(self, default_model: _Optional[str] = ..., sequence_version: _Optional[str] = ..., sequence_path: _Optional[str] = ..., sequence_length: _Optional[int] = ..., sequence_updates: _Optional[int] = ..., sequence_update_seconds: _Optional[float] = ..., item_space_cosine: _Optional[float] = ..., answers: _Optional[_Mapping[str, int]] = ..., sequence_update: _Optional[str] = ...) -> None: ...
