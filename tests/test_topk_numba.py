@@ -27,10 +27,14 @@ from topk_contract import (  # noqa: E402  (tests dir is on sys.path)
 # Every scoring path, with small blocks so that odd sizes cross part, row-block, query-block and BLAS-chunk
 # boundaries: min_parallel_work=0 and min_part_rows=5 give parallel calls with several parts per query
 # even for a few hundred rows ("default" runs such small inputs in the calling thread).
+# "blas" / "blas-threads" force the BLAS path with its selection in the calling thread / across Numba's threads;
+# "auto" sends every batch through the measured dispatch (its table is forced per test below, so the path it
+# takes does not depend on the CPU running the tests).
 PATHS = {
-    "sum": dict(bcast_min_batch=1 << 30, min_part_rows=5, min_parallel_work=0, query_block=7),
-    "bcast": dict(bcast_min_batch=0, min_part_rows=5, min_parallel_work=0, query_block=21),
-    "blas": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5),
+    "sum": dict(fused_max_batch=None, bcast_min_batch=1 << 30, min_part_rows=5, min_parallel_work=0, query_block=7),
+    "bcast": dict(fused_max_batch=None, bcast_min_batch=0, min_part_rows=5, min_parallel_work=0, query_block=21),
+    "blas": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5, blas_parallel_select=False),
+    "blas-threads": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5, blas_parallel_select=True),
     "default": dict(),
 }
 
@@ -56,6 +60,10 @@ class TestNumbaContractBcast(TestNumbaContract):
 
 class TestNumbaContractBlas(TestNumbaContract):
     path = "blas"
+
+
+class TestNumbaContractBlasThreads(TestNumbaContract):
+    path = "blas-threads"
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -167,7 +175,8 @@ def test_scores_are_exact_on_every_path() -> None:
 
 def test_constructor_validation() -> None:
     for bad in (dict(query_block=0), dict(block_bytes=0), dict(parts_per_thread=0), dict(min_part_rows=0),
-                dict(bcast_min_batch=-1), dict(fused_max_batch=-1)):
+                dict(bcast_min_batch=-1), dict(fused_max_batch=-1), dict(fused_max_batch="fused"),
+                dict(blas_parallel_select="yes"), dict(blas_parallel_min_batch=0)):
         with pytest.raises(ValueError):
             NumbaTopK(**bad)
 
@@ -183,12 +192,12 @@ def test_concurrent_calls_from_threads() -> None:
         for _ in range(3):
             results.append(backend(path).search(case.queries, case.items, 12, f))
 
-    threads = [threading.Thread(target=work, args=(p,)) for p in ("sum", "bcast", "blas", "default")]
+    threads = [threading.Thread(target=work, args=(p,)) for p in ("sum", "bcast", "blas", "blas-threads", "default")]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 12
+    assert len(results) == 15
     for got in results:
         assert_same(got, want)
 
