@@ -193,3 +193,17 @@ def _make_bcast_tile(vecs: int):
 
 _bcast4x16 = _make_bcast_tile(2)
 _bcast4x8 = _make_bcast_tile(1)
+
+
+@intrinsic
+def _cttz64(typingctx, x):
+    """Index of the lowest set bit of a nonzero uint64 (llvm.cttz): walks a hit mask in one step per hit."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]),
+                                            "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen

@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from streamrec.engine.cpu.dispatch import blas_wins
 from streamrec.engine.cpu.select import SLACK, buffers, capacity, compact_slot, finish, finish_parallel
-from streamrec.engine.cpu.tiles import _bcast4x8, _bcast4x16, _sum4x2, _sum8x1
+from streamrec.engine.cpu.tiles import _bcast4x8, _bcast4x16, _cttz64, _sum4x2, _sum8x1
 from streamrec.engine.retrieval.topk import Filters, HostBackend, check_k, check_search_args, empty_result
 
 __all__ = ["NumbaTopK", "warmup"]
@@ -59,6 +59,29 @@ def _dot32(q, x):
     return s
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _raise_shared(sel, qi, gate):
+    """Publish a part's new gate to the other parts of query slot qi (sel[4], shared by all parts); -> gate.
+
+    Any part's gate is valid for the whole query: it is keff rows of that part that a row must beat. Parts
+    run on different threads and write this without atomics: a racing write may store the lower of two
+    gates, which is still valid, only less tight."""
+    shared = sel[4]
+    if gate > shared[qi]:
+        shared[qi] = gate
+    return gate
+
+
+@njit(nogil=True, cache=True)
+def _lower_gates(sel, gates, nq):
+    """Take up the other parts' gates (raise the local gates [nq] to the shared ones), once per row block:
+    with several parts per query each part would otherwise let through what the others already beat."""
+    shared = sel[4]
+    for c in range(nq):
+        if shared[c] > gates[c]:
+            gates[c] = shared[c]
+
+
 @njit(nogil=True, cache=True)
 def _take_one(s, r, b, qi, p, gates, sel, queries, items, bands, flt):
     """Row r with gate score s for query b (slot qi), part p: appended if it reaches the gate (rows the tiles
@@ -70,28 +93,41 @@ def _take_one(s, r, b, qi, p, gates, sel, queries, items, bands, flt):
         cscore[qi, p, n] = s
         cnt[qi, p, 0] = n + 1
         if n + 1 >= crow.shape[2] - SLACK:
-            gates[qi] = compact_slot(crow, cscore, cnt, sel[3], qi, p, b, bands[b], gates[qi], True, queries, items,
-                                     flt)
+            gates[qi] = _raise_shared(sel, qi, compact_slot(crow, cscore, cnt, sel[3], qi, p, b, bands[b], gates[qi],
+                                                            True, queries, items, flt))
 
 
 @njit(nogil=True, cache=True)
-def _take_hits(hits, sums, rows, b, bb, r, q0, p, gates, sel, queries, items, bands, flt):
+def _append_hits(hits, sums, rows, b, bb, r, q0, p, gates, crow, cscore, cnt):
     """Append the lanes of a sum tile that passed their gate (lane i: row r + i % rows, query (b, bb)[i // rows])
-    to their buffers (appended inline everywhere: see select.compact_slot)."""
-    crow, cscore, cnt = sel[0], sel[1], sel[2]
+    to their buffers; -> whether a buffer reached its compaction trigger (the caller compacts then). Only the
+    buffers are passed, not the filter arrays, queries and items: passing those per hit tile cost more than
+    the appends."""
+    full = False
+    lim = crow.shape[2] - SLACK
     for i in range(8):
         if hits >> i & 1:
             q = b if i < rows else bb
             s = sums[i]
-            if s >= gates[q - q0] and s != -np.inf:  # the gate may have risen since the tile was scored
-                qi = q - q0
+            qi = q - q0
+            if s >= gates[qi] and s != -np.inf:  # the gate may have risen since the tile was scored
                 c = cnt[qi, p, 0]
                 crow[qi, p, c] = r + i % rows
                 cscore[qi, p, c] = s
                 cnt[qi, p, 0] = c + 1
-                if c + 1 >= crow.shape[2] - SLACK:
-                    gates[qi] = compact_slot(crow, cscore, cnt, sel[3], qi, p, q, bands[q], gates[qi], True, queries,
-                                             items, flt)
+                full |= c + 1 >= lim
+    return full
+
+
+@njit(nogil=True, cache=True)
+def _compact_full(c0, c1, q0, p, gates, sel, queries, items, bands, flt):
+    """Compact the buffers of query slots c0 .. c1 (part p) that reached their trigger; new gates into gates."""
+    crow, cscore, cnt = sel[0], sel[1], sel[2]
+    lim = crow.shape[2] - SLACK
+    for qi in range(c0, min(c1, cnt.shape[0])):
+        if cnt[qi, p, 0] >= lim:
+            gates[qi] = _raise_shared(sel, qi, compact_slot(crow, cscore, cnt, sel[3], qi, p, q0 + qi, bands[q0 + qi],
+                                                            gates[qi], True, queries, items, flt))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -117,6 +153,7 @@ def _sum_part(queries, q0, items, lo, hi, p, sel, bands, flt):
     sums = np.empty(8, dtype=np.float32)
     for r0 in range(lo, hi, _ROW_BLOCK):
         r1 = min(hi, r0 + _ROW_BLOCK)
+        _lower_gates(sel, gates, nq)
         tiled = r0 + (r1 - r0) // 8 * 8
         if nq >= 2:
             _sum_pairs(queries, q0, items, r0, tiled, p, gates, sums, sel, bands, flt)
@@ -135,8 +172,8 @@ def _sum_pairs(queries, q0, items, lo, hi, p, gates, sums, sel, bands, flt):
         for b in range(q0, last, 2):
             for half in range(0, 8, 4):
                 hits = _sum4x2(queries, b, b + 1, items, r + half, gates[b - q0], gates[b + 1 - q0], sums)
-                if hits:
-                    _take_hits(hits, sums, 4, b, b + 1, r + half, q0, p, gates, sel, queries, items, bands, flt)
+                if hits and _append_hits(hits, sums, 4, b, b + 1, r + half, q0, p, gates, sel[0], sel[1], sel[2]):
+                    _compact_full(b - q0, b - q0 + 2, q0, p, gates, sel, queries, items, bands, flt)
 
 
 @njit(nogil=True, cache=True)
@@ -145,27 +182,29 @@ def _sum_single(queries, q0, items, lo, hi, p, gates, sums, sel, bands, flt):
     b = q0 + sel[2].shape[0] - 1
     for r in range(lo, hi, 8):
         hits = _sum8x1(queries, b, b, items, r, gates[b - q0], gates[b - q0], sums)
-        if hits:
-            _take_hits(hits, sums, 8, b, b, r, q0, p, gates, sel, queries, items, bands, flt)
+        if hits and _append_hits(hits, sums, 8, b, b, r, q0, p, gates, sel[0], sel[1], sel[2]):
+            _compact_full(b - q0, b - q0 + 1, q0, p, gates, sel, queries, items, bands, flt)
 
 
 @njit(nogil=True, cache=True)
-def _take_bcast(mask, width, out, col, r, q0, p, gates, sel, queries, items, bands, flt):
-    """Append the lanes of a broadcast tile that passed their gate (bit ri * width + c: row r + ri, column
-    col + c of the query block starting at q0) to their buffers."""
-    crow, cscore, cnt = sel[0], sel[1], sel[2]
-    for bit in range(4 * width):
-        if mask >> np.uint64(bit) & np.uint64(1):
-            qi = col + bit % width
-            s = out[bit]
-            if s >= gates[qi] and s != -np.inf:  # the gate may have risen since the tile was scored
-                n = cnt[qi, p, 0]
-                crow[qi, p, n] = r + bit // width
-                cscore[qi, p, n] = s
-                cnt[qi, p, 0] = n + 1
-                if n + 1 >= crow.shape[2] - SLACK:
-                    gates[qi] = compact_slot(crow, cscore, cnt, sel[3], qi, p, q0 + qi, bands[q0 + qi], gates[qi],
-                                             True, queries, items, flt)
+def _append_bcast(mask, width, out, col, r, p, gates, crow, cscore, cnt):
+    """Append the lanes of a broadcast tile that passed their gate (bit ri * width + c: row r + ri, query slot
+    col + c) to their buffers, one step per set bit; -> whether a buffer reached its compaction trigger (at
+    most 4 appends per slot per tile, well inside select.SLACK)."""
+    full = False
+    lim = crow.shape[2] - SLACK
+    while mask:
+        bit = _cttz64(mask)
+        mask &= mask - np.uint64(1)
+        qi = col + bit % width
+        s = out[bit]
+        if s >= gates[qi] and s != -np.inf:  # the gate may have risen since the tile was scored
+            n = cnt[qi, p, 0]
+            crow[qi, p, n] = r + bit // width
+            cscore[qi, p, n] = s
+            cnt[qi, p, 0] = n + 1
+            full |= n + 1 >= lim
+    return full
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -183,12 +222,14 @@ def _bcast_part(qt, q0, queries, items, lo, hi, p, sel, bands, flt):
     """One part of _fused_bcast: rows go in blocks that stay in L2 while blocks of query columns that
     fit L1 sweep over them."""
     nq = sel[2].shape[0]
+    crow, cscore, cnt = sel[0], sel[1], sel[2]
     nqpad = qt.shape[1]
     gates = np.full(nqpad, np.inf, dtype=np.float32)
     gates[:nq] = -np.inf
     out = np.empty(64, dtype=np.float32)
     for r0 in range(lo, hi, _ROW_BLOCK):
         r1 = min(hi, r0 + _ROW_BLOCK)
+        _lower_gates(sel, gates, nq)
         tiled = r0 + (r1 - r0) // 4 * 4
         for c0 in range(0, nqpad, _QUERY_BLOCK):
             c1 = min(nqpad, c0 + _QUERY_BLOCK)
@@ -196,13 +237,13 @@ def _bcast_part(qt, q0, queries, items, lo, hi, p, sel, bands, flt):
                 col = c0
                 while col + 16 <= c1:
                     mask = _bcast4x16(qt, col, items, r, gates, out)
-                    if mask:
-                        _take_bcast(mask, 16, out, col, r, q0, p, gates, sel, queries, items, bands, flt)
+                    if mask and _append_bcast(mask, 16, out, col, r, p, gates, crow, cscore, cnt):
+                        _compact_full(col, col + 16, q0, p, gates, sel, queries, items, bands, flt)
                     col += 16
                 if col < c1:
                     mask = _bcast4x8(qt, col, items, r, gates, out)
-                    if mask:
-                        _take_bcast(mask, 8, out, col, r, q0, p, gates, sel, queries, items, bands, flt)
+                    if mask and _append_bcast(mask, 8, out, col, r, p, gates, crow, cscore, cnt):
+                        _compact_full(col, col + 8, q0, p, gates, sel, queries, items, bands, flt)
         for r in range(tiled, r1):  # < 4 rows left in the block
             for c in range(nq):
                 _take_one(_dot32(queries[q0 + c], items[r]), r, q0 + c, c, p, gates, sel, queries, items, bands, flt)
@@ -219,6 +260,7 @@ def _scan(srow, lo, hi, row0, qi, p, b, rescore, queries, items, sel, gate, band
     cap = crow.shape[2]
     rq, sq = crow[qi, p], cscore[qi, p]
     n = cnt[qi, p, 0]
+    gate = max(gate, sel[4][qi])
     seg = srow[lo:hi]
     m = hi - lo
     for t in range(-(-m // _GATE_BLOCK)):
@@ -234,7 +276,8 @@ def _scan(srow, lo, hi, row0, qi, p, b, rescore, queries, items, sel, gate, band
             continue
         if n > cap - _GATE_BLOCK:
             cnt[qi, p, 0] = n
-            gate = compact_slot(crow, cscore, cnt, sel[3], qi, p, b, band, gate, rescore, queries, items, flt)
+            gate = _raise_shared(sel, qi, compact_slot(crow, cscore, cnt, sel[3], qi, p, b, band, gate, rescore,
+                                                       queries, items, flt))
             n = cnt[qi, p, 0]
         r0 = row0 + lo
         if hits > 4:  # early on, when most pass: no branch to mispredict
@@ -393,7 +436,7 @@ def _search_serial(queries, items, keff, cap, bcast_min_batch, query_block, flt,
     for q0 in range(0, b, query_block):
         nq = min(b, q0 + query_block) - q0
         sel = (np.empty((nq, 1, cap), dtype=np.int64), np.empty((nq, 1, cap), dtype=np.float32),
-               np.zeros((nq, 1, 2), dtype=np.int64), keff)
+               np.zeros((nq, 1, 2), dtype=np.int64), keff, np.full(nq, -np.inf, dtype=np.float32))
         if nq < bcast_min_batch:
             _sum_part(queries, q0, items, 0, n, 0, sel, bands, flt)
         else:
@@ -484,7 +527,7 @@ class NumbaTopK(HostBackend):
                 self._blas_pass(queries, q0, nq, items, keff, bands, prep, out_rows, out_scores)
                 continue
             parts = self._parts(n, 1, keff, n * d * max(nq, 4))
-            sel = (*buffers(nq, parts, keff), keff)
+            sel = _selection(nq, parts, keff)
             if nq < self.bcast_min_batch:
                 if parts == 1:
                     _sum_part(queries, q0, items, 0, n, 0, sel, bands, prep.kernel_args())
@@ -524,7 +567,7 @@ class NumbaTopK(HostBackend):
         for q0 in range(0, b, self.query_block):
             nq = min(b, q0 + self.query_block) - q0
             parts = self._parts(n, nq, keff, n * nq)
-            sel = (*buffers(nq, parts, keff), keff)
+            sel = _selection(nq, parts, keff)
             gates = np.full((nq, parts), -np.inf, dtype=np.float32)
             args = (scores if shared else scores[q0:q0 + nq], shared, 0, q0, False, none, none, sel, gates,
                     bands, prep.kernel_args())
@@ -542,7 +585,7 @@ class NumbaTopK(HostBackend):
         n = items.shape[0]
         qb = queries[q0:q0 + nq]
         chunk = min(n, max(256, self.block_bytes // (4 * nq)))
-        sel = (*buffers(nq, 1, keff), keff)
+        sel = _selection(nq, 1, keff)
         gates = np.full((nq, 1), -np.inf, dtype=np.float32)
         block = np.empty((nq, chunk), dtype=np.float32)
         par = self.blas_parallel_select
@@ -572,6 +615,11 @@ class NumbaTopK(HostBackend):
             return 1
         want = -(-numba.get_num_threads() * self.parts_per_thread // tasks)
         return max(1, min(want, n // self.min_part_rows, n // (16 * keff)))
+
+
+def _selection(nq: int, parts: int, keff: int) -> tuple:
+    """The `sel` tuple the kernels take: select.buffers, keff, and one gate per query shared by its parts."""
+    return (*buffers(nq, parts, keff), keff, np.full(nq, -np.inf, dtype=np.float32))
 
 
 def _check_rows(n: int) -> None:
