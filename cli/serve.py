@@ -44,13 +44,14 @@ def register(subparsers) -> None:
                        help="retrieved candidates the model reorders per request (env STREAMREC_RERANK_CANDIDATES)")
     serve.add_argument("--rerank-provider", choices=["auto", "cpu", "cuda"], default=env("RERANK_PROVIDER", "auto"),
                        help="ONNX Runtime provider: auto = CUDA when usable, else CPU (decided once at start)")
-    serve.add_argument("--user-model", choices=["ials", "sequence"], default=env("USER_MODEL", "ials"),
+    serve.add_argument("--user-model", choices=["auto", "ials", "sequence"], default=env("USER_MODEL", "auto"),
                        help="the user model of requests that name none (env STREAMREC_USER_MODEL): ials, the online "
-                            "fold-in, or sequence, the ONNX sequence tower (--sequence-model)")
+                            "fold-in; sequence, the ONNX sequence tower (--sequence-model); auto (default): sequence "
+                            "when that model was trained against this store's item space, else ials")
     serve.add_argument("--sequence-model", default=env("SEQUENCE_MODEL", ""),
                        help="the sequence tower's ONNX file (env STREAMREC_SEQUENCE_MODEL; trained by streamrec "
-                            "train-sequence --store). Unset: the shipped ML-100K model with --user-model sequence, "
-                            "none otherwise. A path with --user-model ials: kept up to date and chosen per request")
+                            "train-sequence --store), or none. Unset: the shipped ML-100K model with --user-model "
+                            "auto or sequence. A path with --user-model ials: kept current and chosen per request")
     serve.add_argument("--sequence-update", choices=["read", "event"], default=env("SEQUENCE_UPDATE", "read"),
                        help="when the sequence tower recomputes a user's query: on the first read after their events "
                             "(read) or on the writer for every event (event); same answers, different cost")
@@ -111,12 +112,15 @@ def supervise(args) -> int:
     return supervisor.run_forever()
 
 
-def sequence_model_path(args) -> str | None:
+def user_model_settings(args) -> tuple[str, str | None]:
+    """(user_model, sequence_model_path) of the engine from --user-model and --sequence-model."""
     from streamrec.engine import SHIPPED_SEQUENCE_MODEL
 
+    if args.sequence_model == "none":
+        return ("ials" if args.user_model == "auto" else args.user_model), None
     if args.sequence_model:
-        return None if args.sequence_model == "none" else args.sequence_model
-    return str(SHIPPED_SEQUENCE_MODEL) if args.user_model == "sequence" else None
+        return args.user_model, args.sequence_model
+    return args.user_model, (str(SHIPPED_SEQUENCE_MODEL) if args.user_model in ("sequence", "auto") else None)
 
 
 def _read_token(path: Path | None) -> str | None:
@@ -143,11 +147,11 @@ def run(args) -> int:
         except (TlsConfigError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    user_model, sequence_path = user_model_settings(args)
     engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
                           reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
                           rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider,
-                          user_model=args.user_model, sequence_model_path=sequence_model_path(args),
-                          sequence_update=args.sequence_update)
+                          user_model=user_model, sequence_model_path=sequence_path, sequence_update=args.sequence_update)
     config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                           workers=args.workers, engine=engine,
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),

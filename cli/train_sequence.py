@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reranker", default="default",
                         help="the reranking model of the *-rerank replays: a path or 'default' (the shipped one, "
                              "trained on the first 80%% of ML-100K only)")
+    parser.add_argument("--sequence-reranker", default=None,
+                        help="served-rerank's model instead of --reranker: one trained behind the sequence tower "
+                             "(streamrec train-reranker --user-model sequence)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N replay events")
     parser.add_argument("--json", default=None)
@@ -190,6 +193,8 @@ def run(args) -> int:
             if key not in wanted:
                 continue
             reranker = serving_model_path(args.reranker, args.dim) if rerank else None
+            if rerank and user_model == "sequence" and args.sequence_reranker:
+                reranker = args.sequence_reranker
             if rerank and reranker is None:
                 raise SystemExit(f"--models {key} needs a reranker at dimension {args.dim}")
             config = EngineConfig(dim=args.dim, backend="numpy", sync=False, user_model=user_model,

@@ -66,8 +66,9 @@ class EngineConfig:
     rerank_provider: str = "auto"  # auto (CUDA when usable, else CPU), cpu, cuda
     rerank_threads: int = 1  # ONNX Runtime intra-op threads
     # The user model (engine/sequence/tower.py): "ials" answers from the online fold-in, "sequence" from the ONNX
-    # sequence tower at sequence_model_path, which every event then updates. A request may name either; the
-    # sequence one needs a model. Replicas must load the same model to give the same answers.
+    # sequence tower at sequence_model_path, kept current with the user's events; "auto": sequence when that
+    # model fits the store's item space, else ials. A request may name either; the sequence one needs a model.
+    # Replicas must load the same model to give the same answers.
     user_model: str = "ials"
     sequence_model_path: str | None = None
     # When the tower recomputes a user's query: "read", on the first read after the user's events change (a

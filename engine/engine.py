@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from streamrec.engine.api import (
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import warmup as warm_update_kernel
 from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
+from streamrec.engine.sequence.tower import SequenceModelRejected
 from streamrec.engine.observer import EngineObserver
 from streamrec.engine.rerank.features import ItemArrays, build_features, capture_user, state_clock_ms
 from streamrec.engine.rerank.reranker import Reranker, RerankerRejected
@@ -73,12 +75,12 @@ class Engine:
         config = config or EngineConfig()
         self.data_dir = Path(data_dir)
         self.observer = observer or EngineObserver()
-        if config.user_model not in ("ials", "sequence"):
-            raise ValueError(f"user_model must be ials or sequence, not {config.user_model!r}")
+        if config.user_model not in ("ials", "sequence", "auto"):
+            raise ValueError(f"user_model must be ials, sequence or auto, not {config.user_model!r}")
         if config.sequence_update not in ("read", "event"):
             raise ValueError(f"sequence_update must be read or event, not {config.sequence_update!r}")
-        if config.user_model == "sequence" and not config.sequence_model_path:
-            raise ValueError("user_model sequence needs a sequence model (sequence_model_path)")
+        if config.user_model in ("sequence", "auto") and not config.sequence_model_path:
+            raise ValueError(f"user_model {config.user_model} needs a sequence model (sequence_model_path)")
         replica = replica or source is not None
         self.role = "replica" if replica else "primary"
         self.store = (LogCopy(self.data_dir, sync=config.sync) if source is not None
@@ -87,6 +89,13 @@ class Engine:
         self.limits = config.limits
         try:
             self.state = State(config)  # loads the sequence model, if any: a bad one stops the start
+        except SequenceModelRejected as error:
+            if config.user_model != "auto":
+                self.store.close()
+                raise
+            log.warning("user model auto: the sequence model is not usable (%s); serving ials", error)
+            self.config = config = replace(config, user_model="ials", sequence_model_path=None)
+            self.state = State(config)
         except Exception:
             self.store.close()
             raise
@@ -155,7 +164,8 @@ class Engine:
     def _check_sequence_model_or_close(self) -> None:
         """A sequence model must have been trained against this catalog's item space (its queries are scored
         against these vectors): SequenceModelRejected otherwise, with the store closed. An empty store (about to
-        be seeded) is not checked; the engine opened on the seeded store is."""
+        be seeded) is not checked; the engine opened on the seeded store is. user_model "auto" becomes
+        "sequence" when the model fits, else "ials" without the model."""
         tower = self.state.sequence
         if tower is None or len(self.state.items) == 0:
             return
@@ -163,11 +173,29 @@ class Engine:
         try:
             self.sequence_item_cosine = tower.check_item_space(
                 lambda item_id: items.vectors[items.rows[item_id]] if item_id in items.rows else None)
+        except SequenceModelRejected as error:
+            if self.config.user_model != "auto":
+                self.store.close()
+                raise
+            log.info("user model auto: serving ials (%s)", error)
+            self._resolve_user_model(replace(self.config, user_model="ials", sequence_model_path=None))
+            return
         except Exception:
             self.store.close()
             raise
+        if self.config.user_model == "auto":
+            self._resolve_user_model(replace(self.config, user_model="sequence"))
         log.info("sequence model %s: item space matches this catalog (probe mean cosine %.3f)", tower.version,
                  self.sequence_item_cosine)
+
+    def _resolve_user_model(self, config: EngineConfig) -> None:
+        """Settle user_model "auto": every holder of the config sees the choice (a replica's reloads too)."""
+        self.config = self.state.config = config
+        if config.sequence_model_path is None:
+            self.state.sequence = None
+        self.retriever.default_user_model = config.user_model
+        if self.follower is not None:
+            self.follower.config = config
 
     def _record_reranker(self) -> int:
         """Log the serving reranker when the store says another one serves; returns the seq (0: nothing logged)."""

@@ -274,3 +274,37 @@ def test_the_shipped_model_fits_the_store_serve_seeds(tmp_path):
         assert engine.sequence_item_cosine > 0.99
         answer = engine.recommend([engine.build_query("196", 10)])[0]
         assert answer.user_model == "sequence" and answer.strategy == "personalized" and len(answer.item_ids) == 10
+
+
+def test_auto_serves_the_tower_only_where_it_fits(seeded, tmp_path):
+    _, tower, ids = seeded
+    with Engine(copy_store(seeded, "auto-fits"), config(tower, user_model="auto")) as engine:
+        engine.ingest(events_for("a1", ids[:3]))
+        assert engine.config.user_model == "sequence" and recommend(engine, "a1", "").user_model == "sequence"
+        assert engine.user_model_info()["default"] == "sequence"
+    other = make_tower(tmp_path / "other.onnx", ids, np.random.default_rng(3).standard_normal((len(ids), DIM)), LENGTH)
+    (tmp_path / "gone.json").write_text(Path(tower).with_suffix(".json").read_text())  # a sidecar, no model file
+    for model in (other, tmp_path / "gone.onnx"):
+        with Engine(copy_store(seeded, f"auto-{Path(model).stem}"), config(model, user_model="auto")) as engine:
+            engine.ingest(events_for("a1", ids[:3]))
+            assert engine.config.user_model == "ials" and engine.state.sequence is None
+            assert recommend(engine, "a1", "").user_model == "ials"
+            with pytest.raises(FailedPrecondition):
+                recommend(engine, "a1", "sequence")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("auto", str(SHIPPED_SEQUENCE_MODEL))),
+    (["--user-model", "ials"], ("ials", None)),
+    (["--user-model", "sequence"], ("sequence", str(SHIPPED_SEQUENCE_MODEL))),
+    (["--sequence-model", "none"], ("ials", None)),
+    (["--user-model", "ials", "--sequence-model", "/m.onnx"], ("ials", "/m.onnx")),
+])
+def test_serve_flags_choose_the_user_model(flags, expected, monkeypatch):
+    from streamrec.cli import build_parser
+    from streamrec.cli.serve import user_model_settings
+
+    for name in ("STREAMREC_USER_MODEL", "STREAMREC_SEQUENCE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["serve", *flags])
+    assert user_model_settings(args) == expected
