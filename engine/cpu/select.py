@@ -70,26 +70,7 @@ def key_score(k):
     return _bits_f32(mono & ~_SIGN if mono & _SIGN else ~mono)
 
 
-@njit(nogil=True, cache=True)
-def dot64(q, x):
-    """The reference score: float32 of the float64 dot product.
-
-    Four fixed partial sums and no fast-math, so the result cannot depend on how LLVM inlines or
-    vectorises a call site: a row scores the same from every path (duplicated rows tie exactly).
-    """
-    s0 = s1 = s2 = s3 = 0.0
-    d = q.size
-    j = 0
-    while j + 4 <= d:
-        s0 += np.float64(q[j]) * np.float64(x[j])
-        s1 += np.float64(q[j + 1]) * np.float64(x[j + 1])
-        s2 += np.float64(q[j + 2]) * np.float64(x[j + 2])
-        s3 += np.float64(q[j + 3]) * np.float64(x[j + 3])
-        j += 4
-    while j < d:
-        s0 += np.float64(q[j]) * np.float64(x[j])
-        j += 1
-    return np.float32((s0 + s1) + (s2 + s3))
+_LANES = 8  # partial sums of the reference dot product: one AVX-512 vector of float64, or two AVX2 ones
 
 
 @njit(nogil=True, cache=True)
@@ -128,28 +109,55 @@ def _nth(rows, scores, c, kth):
     return scores[kth]
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _dot64_rows(queries, b, items, r):
+    """The reference score of (query b, row r): float32 of the float64 dot product.
+
+    _LANES fixed partial sums (lane l sums the products j = l mod _LANES, as if zero-padded), added in a
+    fixed order, and no fast-math: the result cannot depend on how LLVM inlines or vectorises a call site, so
+    a row scores the same from every path (duplicated rows tie exactly). Written on the 2-D arrays: making
+    row views per candidate cost reference counting dearer than the arithmetic."""
+    d = queries.shape[1]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    full = d // _LANES * _LANES
+    for j in range(0, full, _LANES):
+        s0 += np.float64(queries[b, j]) * np.float64(items[r, j])
+        s1 += np.float64(queries[b, j + 1]) * np.float64(items[r, j + 1])
+        s2 += np.float64(queries[b, j + 2]) * np.float64(items[r, j + 2])
+        s3 += np.float64(queries[b, j + 3]) * np.float64(items[r, j + 3])
+        s4 += np.float64(queries[b, j + 4]) * np.float64(items[r, j + 4])
+        s5 += np.float64(queries[b, j + 5]) * np.float64(items[r, j + 5])
+        s6 += np.float64(queries[b, j + 6]) * np.float64(items[r, j + 6])
+        s7 += np.float64(queries[b, j + 7]) * np.float64(items[r, j + 7])
+    for j in range(full, d):
+        t = np.float64(queries[b, j]) * np.float64(items[r, j])
+        lane = j - full
+        if lane == 0:
+            s0 += t
+        elif lane == 1:
+            s1 += t
+        elif lane == 2:
+            s2 += t
+        elif lane == 3:
+            s3 += t
+        elif lane == 4:
+            s4 += t
+        elif lane == 5:
+            s5 += t
+        else:
+            s6 += t
+    return np.float32(((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)))
+
+
 @njit(nogil=True, cache=True)
 def _rescore(rows, scores, c, b, queries, items):
-    """Reference scores for the entries not rescored yet (rows without _EXACT); non-finite ones become -inf.
-    dot64's arithmetic written out on the 2-D arrays: a call with two row views per entry cost more than the
-    dot product. Same four partial sums in the same order, so the same float32 as dot64 for every row."""
-    d = queries.shape[1]
+    """Reference scores (_dot64_rows) for the entries not rescored yet (rows without _EXACT); non-finite ones
+    become -inf."""
     for i in range(c):
         r = rows[i]
         if r & _EXACT:
             continue
-        s0 = s1 = s2 = s3 = 0.0
-        j = 0
-        while j + 4 <= d:
-            s0 += np.float64(queries[b, j]) * np.float64(items[r, j])
-            s1 += np.float64(queries[b, j + 1]) * np.float64(items[r, j + 1])
-            s2 += np.float64(queries[b, j + 2]) * np.float64(items[r, j + 2])
-            s3 += np.float64(queries[b, j + 3]) * np.float64(items[r, j + 3])
-            j += 4
-        while j < d:
-            s0 += np.float64(queries[b, j]) * np.float64(items[r, j])
-            j += 1
-        s = np.float32((s0 + s1) + (s2 + s3))
+        s = _dot64_rows(queries, b, items, r)
         scores[i] = s if s == s else np.float32(-np.inf)
         rows[i] = r | _EXACT
 
@@ -262,9 +270,9 @@ def compact_slot(crow, cscore, cnt, keff, qi, p, b, band, gate, rescore, queries
 
 
 @njit(nogil=True, cache=True)
-def _finish_one(rows, scores, counts, q, b, keff, band, rescore, queries, items, flt, out_rows, out_scores):
+def _finish_one(rows, scores, counts, q, b, keff, band, gate, rescore, queries, items, flt, out_rows, out_scores):
     """Query b's buffers of all parts (rows/scores [parts, cap], counts [parts, 2]) -> its first keff answers
-    in out_*[q]."""
+    in out_*[q]. gate: the best gate any part reached (valid for all of them), applied while gathering."""
     total = 0
     for p in range(counts.shape[0]):
         total += counts[p, 0]
@@ -279,9 +287,11 @@ def _finish_one(rows, scores, counts, q, b, keff, band, rescore, queries, items,
         c = 0
         for p in range(counts.shape[0]):
             m = _drop_filtered(rows[p], scores[p], counts[p, 1], counts[p, 0], b, flt)
-            cr[c:c + m] = rows[p, :m]
-            cs[c:c + m] = scores[p, :m]
-            c += m
+            for i in range(m):
+                if scores[p, i] >= gate:
+                    cr[c] = rows[p, i]
+                    cs[c] = scores[p, i]
+                    c += 1
     if c > keff:  # the same cut as a compaction, over all parts at once
         c = _cut(cr, cs, c, keff, band)[0]
     if rescore:
@@ -296,16 +306,18 @@ def _finish_one(rows, scores, counts, q, b, keff, band, rescore, queries, items,
 
 
 @njit(nogil=True, cache=True)
-def finish(rows, scores, counts, q0, keff, bands, rescore, queries, items, flt, out_rows, out_scores):
-    """Buffers [nq, parts, cap] of queries q0 .. q0+nq -> out_*[q] (rows of out: the block's queries)."""
+def finish(rows, scores, counts, gates, q0, keff, bands, rescore, queries, items, flt, out_rows, out_scores):
+    """Buffers [nq, parts, cap] of queries q0 .. q0+nq (shared gates [nq]) -> out_*[q] (rows of out: the
+    block's queries)."""
     for q in range(counts.shape[0]):
-        _finish_one(rows[q], scores[q], counts[q], q, q0 + q, keff, bands[q0 + q], rescore, queries, items, flt,
-                    out_rows, out_scores)
+        _finish_one(rows[q], scores[q], counts[q], q, q0 + q, keff, bands[q0 + q], gates[q], rescore, queries,
+                    items, flt, out_rows, out_scores)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def finish_parallel(rows, scores, counts, q0, keff, bands, rescore, queries, items, flt, out_rows, out_scores):
+def finish_parallel(rows, scores, counts, gates, q0, keff, bands, rescore, queries, items, flt, out_rows,
+                    out_scores):
     """finish, with the queries spread over the threads (big batches with several parts each)."""
     for q in prange(counts.shape[0]):
-        _finish_one(rows[q], scores[q], counts[q], q, q0 + q, keff, bands[q0 + q], rescore, queries, items, flt,
-                    out_rows, out_scores)
+        _finish_one(rows[q], scores[q], counts[q], q, q0 + q, keff, bands[q0 + q], gates[q], rescore, queries,
+                    items, flt, out_rows, out_scores)

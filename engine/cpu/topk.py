@@ -443,7 +443,7 @@ def _search_serial(queries, items, keff, cap, bcast_min_batch, query_block, flt,
             qt = np.zeros((d, (nq + 7) // 8 * 8), dtype=np.float32)
             qt[:, :nq] = queries[q0:q0 + nq].T
             _bcast_part(qt, q0, queries, items, 0, n, 0, sel, bands, flt)
-        finish(sel[0], sel[1], sel[2], q0, keff, bands, True, queries, items, flt, out_rows[q0:q0 + nq],
+        finish(sel[0], sel[1], sel[2], sel[4], q0, keff, bands, True, queries, items, flt, out_rows[q0:q0 + nq],
                out_scores[q0:q0 + nq])
 
 
@@ -603,7 +603,8 @@ class NumbaTopK(HostBackend):
         """select.finish of a query block into out_*; across threads when the block is big."""
         nq = sel[2].shape[0]
         fn = finish_parallel if nq * parts * keff >= 1 << 14 and nq > 1 else finish
-        fn(sel[0], sel[1], sel[2], q0, keff, bands, rescore, queries, items, prep.kernel_args(), out_rows[q0:q0 + nq],
+        fn(sel[0], sel[1], sel[2], sel[4], q0, keff, bands, rescore, queries, items, prep.kernel_args(),
+           out_rows[q0:q0 + nq],
            out_scores[q0:q0 + nq])
 
     def _parts(self, n: int, tasks: int, keff: int, work: int) -> int:
