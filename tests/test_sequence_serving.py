@@ -308,3 +308,29 @@ def test_serve_flags_choose_the_user_model(flags, expected, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["serve", *flags])
     assert user_model_settings(args) == expected
+
+
+def test_the_reranker_reorders_by_default_only_the_user_model_it_was_trained_behind(seeded, tmp_path):
+    """The shipped reranker's user features are iALS queries: sequence answers skip it unless asked."""
+    import test_rerank
+
+    from streamrec.engine.rerank.features import FEATURE_SPEC, feature_count
+
+    _, tower, ids = seeded
+    weights = np.random.default_rng(0).standard_normal((feature_count(DIM), 1)).astype(np.float32)
+    behind_ials = test_rerank.make_model(tmp_path / "ials.onnx", weights, width=feature_count(DIM),
+                                         sidecar={"feature_spec": FEATURE_SPEC, "dim": DIM, "version": "r-ials"})
+    behind_sequence = test_rerank.make_model(tmp_path / "seq.onnx", weights, width=feature_count(DIM),
+                                             sidecar={"feature_spec": FEATURE_SPEC, "dim": DIM, "version": "r-seq",
+                                                      "user_model": "sequence"})
+    with Engine(copy_store(seeded, "rerank-by-model"), config(tower, reranker_path=str(behind_ials))) as engine:
+        engine.ingest(events_for("rr", ids[:6]))
+
+        def answer(model, rerank=None):
+            return engine.recommend([engine.build_query("rr", 5, user_model=model, rerank=rerank)])[0]
+
+        assert answer("ials").reranker == "r-ials"
+        assert answer("sequence").reranker == "" and answer("sequence", rerank=True).reranker == "r-ials"
+        assert engine.reranker_info()["user_model"] == "ials"
+        engine.load_reranker(behind_sequence)
+        assert answer("sequence").reranker == "r-seq" and answer("ials").reranker == ""

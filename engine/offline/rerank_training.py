@@ -464,6 +464,7 @@ def train_reranker(dataset: Dataset, out: Path, cfg: TrainConfig, command: str =
         "format": "streamrec-reranker", "feature_spec": FEATURE_SPEC, "dim": cfg.dim, "features": width,
         "feature_names": feature_names(cfg.dim), "input": "features", "output": "score",
         "version": f"{dataset.name}-dcn-{digest[:10]}", "sha256": digest, "dataset": dataset.name,
+        "user_model": cfg.user_model,  # the retrieval it reorders: serving reranks that model's answers by default
         "model": {"kind": "DCN-v2 (low-rank cross) + MLP", "cross_layers": cfg.cross_layers, "cross_rank": cfg.cross_rank,
                   "hidden": list(cfg.hidden), "loss": "listwise softmax cross-entropy"},
         "training": {"command": command, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},

@@ -319,16 +319,24 @@ class Reranker:
         return out
 
     # --- serving ------------------------------------------------------------------------------------
-    def plan(self, queries, query_vectors: list[np.ndarray | None], state) -> RerankPlan | None:
+    def plan(self, queries, query_vectors: list[np.ndarray | None], state,
+             user_models: list[str] | None = None) -> RerankPlan | None:
         """Under the state lock: snapshots of the users whose candidates the model will reorder (personalised
-        queries that want reranking while a model is loaded); None when no query of the batch is reranked."""
+        queries that want reranking while a model is loaded); None when no query of the batch is reranked.
+        By default only answers of the user model the reranker was trained behind (its sidecar's
+        `user_model`, "ials" when it does not say) are reranked: its user features are that model's queries.
+        A query that asks (rerank=True) is reranked whatever its user model."""
         model = self._model
         if model is None:
             return None
+        trained_behind = model.metadata.get("user_model", "ials")
         users: dict[int, UserContext] = {}
         candidates: dict[int, int] = {}
         for i, query in enumerate(queries):
-            wanted = self.by_default if query.rerank is None else query.rerank
+            if query.rerank is None:
+                wanted = self.by_default and (user_models is None or user_models[i] == trained_behind)
+            else:
+                wanted = query.rerank
             if wanted and query_vectors[i] is not None:
                 row = state.users.row_of(query.user_id)
                 users[i] = capture_user(state.users, row, query_vectors[i])
@@ -369,6 +377,7 @@ class Reranker:
             "refused": self.refused,
             "last_error": self.last_error,
             "reranked_requests": self.reranked_requests,
+            "user_model": model.metadata.get("user_model", "ials") if model else "",
             "failed_batches": self.failed_batches,
             "default_candidates": self.candidates,
             "by_default": self.by_default,

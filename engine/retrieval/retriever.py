@@ -129,7 +129,8 @@ class Retriever:
             # Only cold-start queries rank by popularity: skip the pass over every item when none is in the batch.
             cold = any(vector is None for vector in prepared.queries)
             popularity = self.state.items.popularity_scores() if cold else None
-            plan = self.reranker.plan(queries, prepared.queries, self.state) if self.reranker is not None else None
+            plan = (self.reranker.plan(queries, prepared.queries, self.state, prepared.user_models)
+                    if self.reranker is not None else None)
         return self._search(queries, prepared, popularity, plan)
 
     def similar(self, item_id: str, query: RecommendQuery) -> Recommendation:

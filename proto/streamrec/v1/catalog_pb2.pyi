@@ -157,7 +157,7 @@ class LoadRerankerRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., unload: _Optional[bool] = ...) -> None: ...
 
 class RerankerInfo(_message.Message):
-    __slots__ = ("loaded", "path", "version", "provider", "features", "feature_spec", "default_candidates", "by_default", "loaded_at_ms", "swaps", "refused", "last_error", "reranked_requests", "failed_batches", "durable_seq")
+    __slots__ = ("loaded", "path", "version", "provider", "features", "feature_spec", "default_candidates", "by_default", "loaded_at_ms", "swaps", "refused", "last_error", "reranked_requests", "failed_batches", "durable_seq", "user_model")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class RerankerInfo(_message.Message):
     RERANKED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FAILED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    USER_MODEL_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     path: str
     version: str
@@ -188,7 +189,8 @@ class RerankerInfo(_message.Message):
     reranked_requests: int
     failed_batches: int
     durable_seq: int
-    def __init__(self, loaded: _Optional[bool] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., features: _Optional[int] = ..., feature_spec: _Optional[str] = ..., default_candidates: _Optional[int] = ..., by_default: _Optional[bool] = ..., loaded_at_ms: _Optional[int] = ..., swaps: _Optional[int] = ..., refused: _Optional[int] = ..., last_error: _Optional[str] = ..., reranked_requests: _Optional[int] = ..., failed_batches: _Optional[int] = ..., durable_seq: _Optional[int] = ...) -> None: ...
+    user_model: str
+    def __init__(self, loaded: _Optional[bool] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., provider: _Optional[str] = ..., features: _Optional[int] = ..., feature_spec: _Optional[str] = ..., default_candidates: _Optional[int] = ..., by_default: _Optional[bool] = ..., loaded_at_ms: _Optional[int] = ..., swaps: _Optional[int] = ..., refused: _Optional[int] = ..., last_error: _Optional[str] = ..., reranked_requests: _Optional[int] = ..., failed_batches: _Optional[int] = ..., durable_seq: _Optional[int] = ..., user_model: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_k", "max_events_per_batch", "max_requests_per_batch", "max_filter_ids", "max_id_bytes", "max_items_per_upsert")
