@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/common.proto\x12\x0cstreamrec.v1\"\x98\x01\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x0e\n\x06log_id\x18\x06 \x01(\t\x12\x12\n\nuser_model\x18\x07 \x01(\t\"Y\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x12\n\ncategories\x18\x04 \x03(\t*\xcb\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x05\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x06\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/common.proto\x12\x0cstreamrec.v1\"\x98\x01\n\x08ServedBy\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\x04\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x10\n\x08reranker\x18\x05 \x01(\t\x12\x0e\n\x06log_id\x18\x06 \x01(\t\x12\x12\n\nuser_model\x18\x07 \x01(\t\"\x81\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\x12\x12\n\ncategories\x18\x04 \x03(\t\x12&\n\x07\x62\x65\x63\x61use\x18\x05 \x03(\x0b\x32\x15.streamrec.v1.Because\".\n\x07\x42\x65\x63\x61use\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x02*\xcb\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_RATING\x10\x05\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x06\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamrec.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=290
-  _globals['_EVENTTYPE']._serialized_end=493
+  _globals['_EVENTTYPE']._serialized_start=379
+  _globals['_EVENTTYPE']._serialized_end=582
   _globals['_SERVEDBY']._serialized_start=44
   _globals['_SERVEDBY']._serialized_end=196
-  _globals['_SCOREDITEM']._serialized_start=198
-  _globals['_SCOREDITEM']._serialized_end=287
+  _globals['_SCOREDITEM']._serialized_start=199
+  _globals['_SCOREDITEM']._serialized_end=328
+  _globals['_BECAUSE']._serialized_start=330
+  _globals['_BECAUSE']._serialized_end=376
 # @@protoc_insertion_point(module_scope)

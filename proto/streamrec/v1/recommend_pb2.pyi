@@ -25,8 +25,16 @@ class RerankOptions(_message.Message):
     candidates: int
     def __init__(self, enabled: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
 
+class Diversity(_message.Message):
+    __slots__ = ("mmr_lambda", "max_per_category")
+    MMR_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    mmr_lambda: float
+    max_per_category: int
+    def __init__(self, mmr_lambda: _Optional[float] = ..., max_per_category: _Optional[int] = ...) -> None: ...
+
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq", "log_id", "user_model")
+    __slots__ = ("request_id", "user_id", "k", "exclude_seen", "exclude_item_ids", "include_categories", "exclude_categories", "rerank", "min_seq", "log_id", "user_model", "diversity", "explain")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +46,8 @@ class RecommendRequest(_message.Message):
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     LOG_ID_FIELD_NUMBER: _ClassVar[int]
     USER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     k: int
@@ -49,7 +59,9 @@ class RecommendRequest(_message.Message):
     min_seq: int
     log_id: str
     user_model: UserModel
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ..., user_model: _Optional[_Union[UserModel, str]] = ...) -> None: ...
+    diversity: Diversity
+    explain: bool
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_categories: _Optional[_Iterable[str]] = ..., exclude_categories: _Optional[_Iterable[str]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., min_seq: _Optional[int] = ..., log_id: _Optional[str] = ..., user_model: _Optional[_Union[UserModel, str]] = ..., diversity: _Optional[_Union[Diversity, _Mapping]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
