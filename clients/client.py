@@ -67,10 +67,12 @@ def event_type(name_or_number: str | int) -> int:
 
 
 def make_event(user_id: str, item_id: str, type: str | int = "view", value: float = 0.0,
-               timestamp_ms: int = 0, event_id: str | None = None) -> events_pb2.Event:
+               timestamp_ms: int = 0, event_id: str | None = None, recommendation_id: str = "") -> events_pb2.Event:
+    """recommendation_id: the answer the event responds to (RecommendResponse.recommendation_id), so the server
+    attributes the outcome to it."""
     return events_pb2.Event(
         event_id=event_id or uuid.uuid4().hex, user_id=user_id, item_id=item_id, type=event_type(type),
-        value=value, timestamp_ms=timestamp_ms,
+        value=value, timestamp_ms=timestamp_ms, recommendation_id=recommendation_id,
     )
 
 

@@ -28,6 +28,8 @@ class Event:
     type: EventType
     value: float
     timestamp_ms: int
+    # The answer the event came from (RecommendResponse.recommendation_id), for attribution; not in the log.
+    recommendation_id: str = ""
 
 
 @dataclass(slots=True)
@@ -104,6 +106,7 @@ class Recommendation:
     retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
     reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
     user_model: str = ""  # the user model whose query retrieved the items ("ials" or "sequence"); "" for popularity
+    recommendation_id: str = ""  # this answer's impression (events that name it are attributed to it)
 
 
 @dataclass
@@ -180,3 +183,4 @@ class EngineStats:
     pid: int = 0  # the process that answered
     snapshots_served: int = 0  # on the primary: snapshots copied by replicas on other machines
     user_model: dict = field(default_factory=dict)  # Engine.user_model_info()
+    impressions: dict = field(default_factory=dict)  # Engine.impressions_info()

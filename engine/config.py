@@ -75,4 +75,11 @@ class EngineConfig:
     # cache keyed by the user's event count); "event", for every user of each applied batch (the writer pays).
     # Both give the same bits: the query is a function of the user's history.
     sequence_update: str = "read"
+    # The impression log (feedback/impressions.py): every answer's items, for attribution; bounded and shed
+    # under overload, never waited for.
+    impressions: bool = True
+    impression_max_records: int = 1_000_000
+    impression_max_age_days: float = 30.0
+    attribution_window_s: float = 24 * 3600.0
+    impression_queue: int = 65_536
     limits: Limits = field(default_factory=Limits)

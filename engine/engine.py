@@ -37,6 +37,8 @@ from streamrec.engine.api import (
 )
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import warmup as warm_update_kernel
+from streamrec.engine.feedback.impressions import FOLDER as IMPRESSIONS_FOLDER
+from streamrec.engine.feedback.impressions import Impression, ImpressionLog, RetentionPolicy, new_recommendation_id
 from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from streamrec.engine.sequence.tower import SequenceModelRejected
 from streamrec.engine.observer import EngineObserver
@@ -129,8 +131,13 @@ class Engine:
         else:
             self._start_writing(config)
             self.feed = LogFeed(self.store, self.state, self.checkpoint, self.lock)
+        self.impressions = ImpressionLog(
+            self.data_dir / IMPRESSIONS_FOLDER,
+            RetentionPolicy(config.impression_max_records, int(config.impression_max_age_days * 86_400_000),
+                            int(config.attribution_window_s * 1000)),
+            config.impression_queue, sync=config.sync) if config.impressions else None
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
-            self.retriever.recommend, config.max_batch, config.max_wait_us, config.recommend_queue_size,
+            self._recommend_batch, config.max_batch, config.max_wait_us, config.recommend_queue_size,
             on_batch=self.observer.recommend_batch)
 
     def _follow(self) -> None:
@@ -253,6 +260,8 @@ class Engine:
             self.writer.close(final_checkpoint=checkpoint)
             self.checkpointer.close()
             self.wakeups.close()
+        if self.impressions is not None:
+            self.impressions.close()  # after the writer: its last commits may still attribute events
         self.store.close()
 
     def __enter__(self) -> "Engine":
@@ -279,15 +288,19 @@ class Engine:
         """Validate now, then queue for the writer; the future completes after commit and apply.
         Lets one stream keep several batches in flight so they share group commits."""
         good, rejected = split_events(events, self.limits)
-        finish = partial(self._count_ingest, rejected)
+        finish = partial(self._count_ingest, rejected, good)
         if not good:
             done: Future = Future()
             done.set_result(finish(IngestResult(durable_seq=self.state.applied_seq)))
             return done
         return self._write(OpKind.EVENTS, good, finish=finish)
 
-    def _count_ingest(self, rejected: list[Rejection], outcome: IngestResult) -> IngestResult:
-        """The caller's result: validation's rejections merged with the commit's, counted (on the writer thread)."""
+    def _count_ingest(self, rejected: list[Rejection], events: list[tuple[int, Event]], outcome: IngestResult) -> IngestResult:
+        """The caller's result: validation's rejections merged with the commit's, counted (on the writer thread);
+        the committed events that name an answer go to attribution."""
+        if self.impressions is not None:
+            refused = {r.event_id for r in outcome.rejections}
+            self.impressions.attribute([e for _, e in events if e.recommendation_id and e.event_id not in refused])
         outcome.rejections = sorted(rejected + outcome.rejections, key=lambda r: r.index)
         self.counters["events_accepted"] += outcome.accepted
         self.counters["events_rejected"] += len(outcome.rejections)
@@ -306,7 +319,10 @@ class Engine:
         check_id("user_id", user_id, self.limits)
         if self.state.users.row_of(user_id) is None:
             raise NotFound("user_id", f"unknown user '{user_id}'")
-        return self._write(OpKind.FORGET, user_id).result(timeout_s)
+        result = self._write(OpKind.FORGET, user_id).result(timeout_s)
+        if self.impressions is not None:
+            self.impressions.forget(user_id)  # what was shown to them goes too
+        return result
 
     def checkpoint(self, timeout_s: float = 120.0) -> int:
         """Force a checkpoint now; returns its watermark."""
@@ -381,6 +397,23 @@ class Engine:
         futures = [self.recommend_async(q, deadline) for q in queries]
         return [f.result() for f in futures]
 
+    def _recommend_batch(self, queries: list[RecommendQuery]) -> list[Recommendation]:
+        """The micro-batcher's call: the answers, each with its recommendation_id and its impression queued."""
+        results = self.retriever.recommend(queries)
+        if self.impressions is not None:
+            now_ms = int(time.time() * 1000)
+            for result in results:
+                result.recommendation_id = new_recommendation_id()
+                self.impressions.record(Impression(
+                    result.recommendation_id, result.user_id, list(result.item_ids), result.scores.tolist(), now_ms,
+                    self._model_version, result.user_model, result.reranker))
+        return results
+
+    def impressions_info(self) -> dict:
+        if self.impressions is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.impressions.info(), "arms": self.impressions.totals()}
+
     def recommend_async(self, query: RecommendQuery, deadline: float | None = None) -> Future:
         if query.user_model == "sequence" and self.state.sequence is None:
             raise FailedPrecondition("user_model", "this server has no sequence model (serve --user-model sequence "
@@ -448,6 +481,7 @@ class Engine:
                 replicas=self.wakeups.replicas if self.wakeups else 0,
                 replica_reloads=self.follower.reloads if self.follower else 0, pid=os.getpid(),
                 snapshots_served=self.feed.snapshots_served if self.feed else 0, user_model=self.user_model_info(),
+                impressions=self.impressions_info(),
                 **self.counters,
             )
 

@@ -89,6 +89,8 @@ def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] 
         problem = id_problem(getattr(event, field), limits)
         if problem:
             return field, problem
+    if len(event.recommendation_id) > 64:  # 32 hex digits when it is one of ours; anything else is just unknown
+        return "recommendation_id", f"is {len(event.recommendation_id)} characters; at most 64"
     if int(event.type) not in _VALID_TYPES:
         return "type", f"unknown event type {int(event.type)}"
     if not math.isfinite(event.value):
@@ -141,6 +143,8 @@ def _all_acceptable(events: list[Event], limits: Limits, now_ms: int) -> bool:
         return False
     lengths = list(map(len, ids))
     if min(lengths) == 0 or max(lengths) > limits.max_id_bytes:
+        return False
+    if max(len(e.recommendation_id) for e in events) > 64:
         return False
     types = [int(e.type) for e in events]
     if not _VALID_TYPES.issuperset(types):

@@ -19,7 +19,8 @@ from streamrec.v1 import catalog_pb2, common_pb2, events_pb2, recommend_pb2
 
 def events_from(batch: events_pb2.EventBatch) -> list[Event]:
     # The enum stays an int: unknown values from newer clients must reach validation, not crash here.
-    return [Event(e.event_id, e.user_id, e.item_id, e.type, e.value, e.timestamp_ms) for e in batch.events]
+    return [Event(e.event_id, e.user_id, e.item_id, e.type, e.value, e.timestamp_ms, e.recommendation_id)
+            for e in batch.events]
 
 
 def ack_from(batch_id: str, result: IngestResult, log_id: str = "") -> events_pb2.EventAck:
@@ -81,6 +82,7 @@ def recommend_response(served_by: ServedBy, result: Recommendation, latency_us: 
     set_served_by(response.served_by, served_by)
     response.served_by.reranker = result.reranker
     response.served_by.user_model = result.user_model
+    response.recommendation_id = result.recommendation_id
     return response
 
 
@@ -104,6 +106,23 @@ def user_model_info(info: dict) -> catalog_pb2.UserModelInfo:
         sequence_updates=sequence.get("updates", 0), sequence_update_seconds=sequence.get("update_seconds", 0.0),
         item_space_cosine=sequence.get("item_space_cosine") or 0.0, answers=info.get("answers", {}),
         sequence_update=info.get("sequence_update", ""))
+
+
+def impression_info(info: dict) -> catalog_pb2.ImpressionInfo:
+    if not info.get("enabled"):
+        return catalog_pb2.ImpressionInfo(enabled=False)
+    arms = []
+    for key, counts in sorted(info.get("arms", {}).items()):
+        experiment, _, arm = key.partition("/")
+        events = {name: n for name, n in counts.items() if name not in ("impressions", "attributed") and n}
+        arms.append(catalog_pb2.ArmOutcomes(experiment=experiment, arm=arm, impressions=counts.get("impressions", 0),
+                                            attributed=counts.get("attributed", 0), events=events))
+    return catalog_pb2.ImpressionInfo(
+        enabled=True, stored=info["stored"], queued=info["queued"], recorded=info.get("recorded", 0),
+        shed=info.get("shed", 0), attributed=info.get("attributed", 0),
+        unattributed={k[len("unattributed_"):]: v for k, v in info.items() if k.startswith("unattributed_")},
+        pruned=info.get("pruned", 0), arms=arms, max_records=info["max_records"],
+        max_age_days=info["max_age_ms"] / 86_400_000, attribution_window_s=info["attribution_window_ms"] / 1000)
 
 
 def item_spec_from(item: catalog_pb2.Item) -> ItemSpec:
@@ -144,6 +163,7 @@ def stats_message(stats: EngineStats, limits: Limits) -> catalog_pb2.StatsRespon
         write_queue=stats.write_queue, reranker=reranker_info(stats.reranker), role=stats.role,
         replicas=stats.replicas, replica_reloads=stats.replica_reloads, pid=stats.pid,
         snapshots_served=stats.snapshots_served, user_model=user_model_info(stats.user_model),
+        impressions=impression_info(stats.impressions),
     )
     set_served_by(response.served_by, stats.served_by)
     return response

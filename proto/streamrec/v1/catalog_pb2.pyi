@@ -209,7 +209,7 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_events_per_batch: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_filter_ids: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_items_per_upsert: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker", "role", "replicas", "replica_reloads", "pid", "snapshots_served", "user_model")
+    __slots__ = ("dim", "items", "deleted_items", "users", "log_events", "last_seq", "checkpoint_seq", "served_by", "uptime_s", "limits", "events_accepted", "events_rejected", "events_duplicate", "recommendations", "data_dir", "recommend_batch_sizes", "recommend_batches", "write_queue", "reranker", "role", "replicas", "replica_reloads", "pid", "snapshots_served", "user_model", "impressions")
     class RecommendBatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class StatsResponse(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     USER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
     dim: int
     items: int
     deleted_items: int
@@ -267,7 +268,64 @@ class StatsResponse(_message.Message):
     pid: int
     snapshots_served: int
     user_model: UserModelInfo
-    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ..., snapshots_served: _Optional[int] = ..., user_model: _Optional[_Union[UserModelInfo, _Mapping]] = ...) -> None: ...
+    impressions: ImpressionInfo
+    def __init__(self, dim: _Optional[int] = ..., items: _Optional[int] = ..., deleted_items: _Optional[int] = ..., users: _Optional[int] = ..., log_events: _Optional[int] = ..., last_seq: _Optional[int] = ..., checkpoint_seq: _Optional[int] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., uptime_s: _Optional[float] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., events_accepted: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., recommendations: _Optional[int] = ..., data_dir: _Optional[str] = ..., recommend_batch_sizes: _Optional[_Mapping[int, int]] = ..., recommend_batches: _Optional[int] = ..., write_queue: _Optional[int] = ..., reranker: _Optional[_Union[RerankerInfo, _Mapping]] = ..., role: _Optional[str] = ..., replicas: _Optional[int] = ..., replica_reloads: _Optional[int] = ..., pid: _Optional[int] = ..., snapshots_served: _Optional[int] = ..., user_model: _Optional[_Union[UserModelInfo, _Mapping]] = ..., impressions: _Optional[_Union[ImpressionInfo, _Mapping]] = ...) -> None: ...
+
+class ImpressionInfo(_message.Message):
+    __slots__ = ("enabled", "stored", "queued", "recorded", "shed", "attributed", "unattributed", "pruned", "arms", "max_records", "max_age_days", "attribution_window_s")
+    class UnattributedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    UNATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_DAYS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    stored: int
+    queued: int
+    recorded: int
+    shed: int
+    attributed: int
+    unattributed: _containers.ScalarMap[str, int]
+    pruned: int
+    arms: _containers.RepeatedCompositeFieldContainer[ArmOutcomes]
+    max_records: int
+    max_age_days: float
+    attribution_window_s: float
+    def __init__(self, enabled: _Optional[bool] = ..., stored: _Optional[int] = ..., queued: _Optional[int] = ..., recorded: _Optional[int] = ..., shed: _Optional[int] = ..., attributed: _Optional[int] = ..., unattributed: _Optional[_Mapping[str, int]] = ..., pruned: _Optional[int] = ..., arms: _Optional[_Iterable[_Union[ArmOutcomes, _Mapping]]] = ..., max_records: _Optional[int] = ..., max_age_days: _Optional[float] = ..., attribution_window_s: _Optional[float] = ...) -> None: ...
+
+class ArmOutcomes(_message.Message):
+    __slots__ = ("experiment", "arm", "impressions", "attributed", "events")
+    class EventsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    arm: str
+    impressions: int
+    attributed: int
+    events: _containers.ScalarMap[str, int]
+    def __init__(self, experiment: _Optional[str] = ..., arm: _Optional[str] = ..., impressions: _Optional[int] = ..., attributed: _Optional[int] = ..., events: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class UserModelInfo(_message.Message):
     __slots__ = ("default_model", "sequence_version", "sequence_path", "sequence_length", "sequence_updates", "sequence_update_seconds", "item_space_cosine", "answers", "sequence_update")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamrec.v1 import common_pb2 as streamrec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/events.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"\x87\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12%\n\x04type\x18\x04 \x01(\x0e\x32\x17.streamrec.v1.EventType\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x03\"C\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12#\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x13.streamrec.v1.Event\"P\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xac\x01\n\x08\x45ventAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x30\n\nrejections\x18\x04 \x03(\x0b\x32\x1c.streamrec.v1.EventRejection\x12\x13\n\x0b\x64urable_seq\x18\x05 \x01(\x04\x12\x0e\n\x06log_id\x18\x07 \x01(\t\x12\x11\n\tfirst_seq\x18\x06 \x01(\x04\x32\x97\x01\n\x0c\x45ventService\x12\x44\n\x0cStreamEvents\x12\x18.streamrec.v1.EventBatch\x1a\x16.streamrec.v1.EventAck(\x01\x30\x01\x12\x41\n\rPublishEvents\x12\x18.streamrec.v1.EventBatch\x1a\x16.streamrec.v1.EventAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19streamrec/v1/events.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"\xa2\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12%\n\x04type\x18\x04 \x01(\x0e\x32\x17.streamrec.v1.EventType\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x03\x12\x19\n\x11recommendation_id\x18\x07 \x01(\t\"C\n\nEventBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12#\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x13.streamrec.v1.Event\"P\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xac\x01\n\x08\x45ventAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x30\n\nrejections\x18\x04 \x03(\x0b\x32\x1c.streamrec.v1.EventRejection\x12\x13\n\x0b\x64urable_seq\x18\x05 \x01(\x04\x12\x0e\n\x06log_id\x18\x07 \x01(\t\x12\x11\n\tfirst_seq\x18\x06 \x01(\x04\x32\x97\x01\n\x0c\x45ventService\x12\x44\n\x0cStreamEvents\x12\x18.streamrec.v1.EventBatch\x1a\x16.streamrec.v1.EventAck(\x01\x30\x01\x12\x41\n\rPublishEvents\x12\x18.streamrec.v1.EventBatch\x1a\x16.streamrec.v1.EventAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamrec.v1.events_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT']._serialized_start=71
-  _globals['_EVENT']._serialized_end=206
-  _globals['_EVENTBATCH']._serialized_start=208
-  _globals['_EVENTBATCH']._serialized_end=275
-  _globals['_EVENTREJECTION']._serialized_start=277
-  _globals['_EVENTREJECTION']._serialized_end=357
-  _globals['_EVENTACK']._serialized_start=360
-  _globals['_EVENTACK']._serialized_end=532
-  _globals['_EVENTSERVICE']._serialized_start=535
-  _globals['_EVENTSERVICE']._serialized_end=686
+  _globals['_EVENT']._serialized_end=233
+  _globals['_EVENTBATCH']._serialized_start=235
+  _globals['_EVENTBATCH']._serialized_end=302
+  _globals['_EVENTREJECTION']._serialized_start=304
+  _globals['_EVENTREJECTION']._serialized_end=384
+  _globals['_EVENTACK']._serialized_start=387
+  _globals['_EVENTACK']._serialized_end=559
+  _globals['_EVENTSERVICE']._serialized_start=562
+  _globals['_EVENTSERVICE']._serialized_end=713
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,7 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("request_id", "user_id", "items", "strategy", "served_by", "server_latency_us", "error")
+    __slots__ = ("request_id", "user_id", "items", "strategy", "served_by", "server_latency_us", "error", "recommendation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class RecommendResponse(_message.Message):
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     SERVER_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredItem]
@@ -87,7 +88,8 @@ class RecommendResponse(_message.Message):
     served_by: _common_pb2.ServedBy
     server_latency_us: int
     error: Status
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., strategy: _Optional[str] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+    recommendation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_common_pb2.ScoredItem, _Mapping]]] = ..., strategy: _Optional[str] = ..., served_by: _Optional[_Union[_common_pb2.ServedBy, _Mapping]] = ..., server_latency_us: _Optional[int] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., recommendation_id: _Optional[str] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("requests", "min_seq", "log_id")
