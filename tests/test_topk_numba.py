@@ -35,6 +35,9 @@ PATHS = {
     "bcast": dict(fused_max_batch=None, bcast_min_batch=0, min_part_rows=5, min_parallel_work=0, query_block=21),
     "blas": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5, blas_parallel_select=False),
     "blas-threads": dict(fused_max_batch=0, block_bytes=64 * 4 * 3, query_block=5, blas_parallel_select=True),
+    # threads split the queries, not the items (taken where Numba has >= 2 threads and the block >= 4 queries)
+    "groups": dict(fused_max_batch=None, bcast_min_batch=0, min_part_rows=5, min_parallel_work=0, query_block=37,
+                   group_min_width=1),
     "default": dict(),
 }
 
@@ -64,6 +67,10 @@ class TestNumbaContractBlas(TestNumbaContract):
 
 class TestNumbaContractBlasThreads(TestNumbaContract):
     path = "blas-threads"
+
+
+class TestNumbaContractGroups(TestNumbaContract):
+    path = "groups"
 
 
 @pytest.mark.parametrize("path", list(PATHS))

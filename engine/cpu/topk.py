@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from streamrec.engine.cpu.dispatch import blas_wins
+from streamrec.engine.cpu.dispatch import blas_wins, crossover
 from streamrec.engine.cpu.select import SLACK, buffers, capacity, compact_slot, finish, finish_parallel
 from streamrec.engine.cpu.tiles import _bcast4x8, _bcast4x16, _cttz64, _sum4x2, _sum8x1
 from streamrec.engine.retrieval.topk import Filters, HostBackend, check_k, check_search_args, empty_result
@@ -215,6 +215,22 @@ def _fused_bcast(qt, q0, queries, items, sel, bands, flt):
     n = items.shape[0]
     for p in prange(parts):
         _bcast_part(qt, q0, queries, items, n * p // parts, n * (p + 1) // parts, p, sel, bands, flt)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _fused_bcast_groups(qts, q0, queries, items, sel, bands, flt):
+    """_fused_bcast with the threads over groups of queries instead of parts of the items: qts [G, d, w] holds
+    group g = queries q0 + g*w .. transposed and zero-padded, each group scans all rows as one part. Each query
+    then keeps one buffer with one gate that has seen every row so far: parts would each let through what
+    their own k-th best lets through, several times the candidates at a large k."""
+    groups, w = qts.shape[0], qts.shape[2]
+    nq = sel[2].shape[0]
+    n = items.shape[0]
+    for g in prange(groups):
+        a = g * w
+        z = min(nq, a + w)
+        sub = (sel[0][a:z], sel[1][a:z], sel[2][a:z], sel[3], sel[4][a:z])
+        _bcast_part(qts[g], q0 + a, queries, items, 0, n, 0, sub, bands, flt)
 
 
 @njit(nogil=True, cache=True)
@@ -465,6 +481,8 @@ class NumbaTopK(HostBackend):
     min_parallel_work: below this many multiply-adds a call runs in the calling thread: a parallel
         region's barrier costs more than such a call, and far more whenever the host is loaded and a
         worker thread is descheduled (benchmarks/RESULTS.md, 'Figures behind design choices').
+    group_min_width: a query block of at least 2 * threads * this many queries is split over the threads by
+        queries (each query one part, one gate over all rows) instead of by item parts.
     """
 
     name = "numba"
@@ -472,7 +490,7 @@ class NumbaTopK(HostBackend):
     def __init__(self, fused_max_batch: int | None | str = "auto", bcast_min_batch: int = 5,
                  query_block: int = 512, block_bytes: int = 4 << 20, blas_parallel_select: bool | str = "auto",
                  blas_parallel_min_batch: int = 64, parts_per_thread: int = 4, min_part_rows: int = 1024,
-                 min_parallel_work: int = 1 << 23) -> None:
+                 min_parallel_work: int = 1 << 23, group_min_width: int = 32) -> None:
         if min(query_block, block_bytes, parts_per_thread, min_part_rows) < 1 or bcast_min_batch < 0:
             raise ValueError("query_block, block_bytes, parts_per_thread, min_part_rows must be >= 1")
         if not (fused_max_batch in ("auto", None) or (isinstance(fused_max_batch, int) and fused_max_batch >= 0)):
@@ -488,11 +506,18 @@ class NumbaTopK(HostBackend):
         self.parts_per_thread = int(parts_per_thread)
         self.min_part_rows = int(min_part_rows)
         self.min_parallel_work = int(min_parallel_work)
+        self.group_min_width = int(group_min_width)
 
     def warmup(self) -> None:
         """The Engine calls this at start (as for the CUDA backend): every kernel specialisation compiled or
         loaded from Numba's cache now, not on the first request."""
         warmup()
+
+    @staticmethod
+    def tune(d: int, k: int) -> int:
+        """Measure now (not in the background on first use) which path wins for dimension d and the top k;
+        -> the smallest batch that takes the BLAS path (dispatch.NEVER: none)."""
+        return crossover(d, k, wait=True)
 
     def uses_blas(self, b: int, d: int, k: int, n: int) -> bool:
         """Whether a search of b queries of dimension d for the top k of n rows takes the BLAS path."""
@@ -534,6 +559,16 @@ class NumbaTopK(HostBackend):
                 else:
                     with numba.parallel_chunksize(1):
                         _fused_sum(queries, q0, items, sel, bands, prep.kernel_args())
+            elif parts > 1 and (width := self._group_width(nq)):
+                groups = -(-nq // width)
+                qts = np.zeros((groups, d, width), dtype=np.float32)
+                for g in range(groups):
+                    part = queries[q0 + g * width:q0 + min(nq, (g + 1) * width)]
+                    qts[g, :, :len(part)] = part.T
+                sel = _selection(nq, 1, keff)
+                parts = 1
+                with numba.parallel_chunksize(1):
+                    _fused_bcast_groups(qts, q0, queries, items, sel, bands, prep.kernel_args())
             else:
                 qt = np.zeros((d, -(-nq // 8) * 8), dtype=np.float32)
                 qt[:, :nq] = queries[q0:q0 + nq].T
@@ -607,6 +642,15 @@ class NumbaTopK(HostBackend):
            out_rows[q0:q0 + nq],
            out_scores[q0:q0 + nq])
 
+    def _group_width(self, nq: int) -> int:
+        """Queries per group when the threads should split the queries rather than the items (0: they should
+        not): from group_min_width queries per group with 2 groups per thread (a multiple of 16, the
+        broadcast tile's width)."""
+        threads = numba.get_num_threads()
+        if threads < 2 or nq < 2 * threads * self.group_min_width:
+            return 0
+        return -(-nq // (2 * threads * 16)) * 16
+
     def _parts(self, n: int, tasks: int, keff: int, work: int) -> int:
         """Item parts per task (query): enough (tasks * parts) to keep every thread busy, but each part at
         least min_part_rows and 16 * keff rows, so that buffers and the finish stay small next to the scan.
@@ -614,7 +658,8 @@ class NumbaTopK(HostBackend):
         parallel region: its barrier costs more, and far more when a worker thread is descheduled."""
         if work < self.min_parallel_work:
             return 1
-        want = -(-numba.get_num_threads() * self.parts_per_thread // tasks)
+        per = self.parts_per_thread if keff <= 32 else 1  # each part lets through about k log(rows / k) rows
+        want = -(-numba.get_num_threads() * per // tasks)
         return max(1, min(want, n // self.min_part_rows, n // (16 * keff)))
 
 
@@ -647,6 +692,9 @@ def warmup() -> None:
             backend.search(q, items, 300, f)  # the finish across threads
         NumbaTopK(**opts).rank_scores(items[:, 0], 2, f)
         NumbaTopK(**opts).rank_scores(q @ items.T, 2, f)
+    wide = rng.standard_normal((4 * numba.get_num_threads(), 4)).astype(np.float32)  # queries split over threads
+    NumbaTopK(fused_max_batch=None, bcast_min_batch=0, group_min_width=1, min_parallel_work=0,
+              min_part_rows=1).search(wide, items, 2, Filters.none(len(wide), n))
     prep = _Prepared(f)  # and the parallel preparation of big exclude lists
     _split_excludes_parallel(f.exclude_indptr, f.exclude_rows, n, prep.bitmap_of, prep.bitmaps, prep.ex_ptr,
                              prep.ex_rows, 2)
