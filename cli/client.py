@@ -26,7 +26,8 @@ def _print(message, as_json: bool) -> None:
 def cmd_recommend(args, client: StreamrecClient) -> None:
     response = client.recommend(args.user_id, k=args.k, include_categories=args.category or (),
                                 exclude_seen=None if args.exclude_seen else False, rerank=args.rerank,
-                                candidates=args.candidates, user_model=args.user_model)
+                                candidates=args.candidates, user_model=args.user_model, mmr_lambda=args.mmr_lambda,
+                                max_per_category=args.max_per_category, explain=args.explain)
     if args.json:
         return _print(response, True)
     reranker, user_model = response.served_by.reranker, response.served_by.user_model
@@ -37,6 +38,8 @@ def cmd_recommend(args, client: StreamrecClient) -> None:
     for rank, item in enumerate(response.items, 1):
         retrieval = f" (cosine {item.retrieval_score:.4f})" if reranker else ""
         print(f"{rank:4d}. {item.item_id:<20} {item.score:8.4f}{retrieval}  {', '.join(item.categories)}")
+        if item.because:
+            print(f"      because you liked {', '.join(f'{b.item_id} ({b.similarity:.2f})' for b in item.because)}")
 
 
 def cmd_similar(args, client: StreamrecClient) -> None:
@@ -157,6 +160,10 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=0, help="retrieved candidates to rerank (default: the server's)")
     p.add_argument("--user-model", choices=["ials", "sequence"], default="",
                    help="the user model whose query retrieves (default: the server's)")
+    p.add_argument("--mmr-lambda", type=float, default=0.0,
+                   help="diversity: 0 (off) .. 1, weight of dissimilarity to the items already picked (MMR)")
+    p.add_argument("--max-per-category", type=int, default=0, help="diversity: at most N items per category (0: off)")
+    p.add_argument("--explain", action="store_true", help="name the liked items behind each recommendation")
     p.add_argument("--json", action="store_true")
 
     p = add("similar", cmd_similar, "items most similar to an item")

@@ -323,10 +323,12 @@ class StreamrecClient:
     def recommend_request(user_id: str, k: int | None = None, exclude_seen: bool | None = None,
                           exclude_item_ids: Sequence[str] = (), include_categories: Sequence[str] = (),
                           exclude_categories: Sequence[str] = (), request_id: str = "", rerank: bool | None = None,
-                          candidates: int = 0, user_model: str = "") -> recommend_pb2.RecommendRequest:
+                          candidates: int = 0, user_model: str = "", mmr_lambda: float = 0.0,
+                          max_per_category: int = 0, explain: bool = False) -> recommend_pb2.RecommendRequest:
         """rerank: None = the server's default, False = retrieval order only, True = rerank (when a model is
         loaded); candidates: how many retrieved items the model reorders (0 = server default); user_model:
-        "ials" or "sequence" (the served_by.user_model of the answer says which answered), "" = the server's."""
+        "ials" or "sequence" (the served_by.user_model of the answer says which answered), "" = the server's;
+        mmr_lambda (0..1) and max_per_category: diversity (0 = off); explain: fill each item's `because`."""
         request = recommend_pb2.RecommendRequest(
             request_id=request_id, user_id=user_id, exclude_item_ids=exclude_item_ids,
             include_categories=include_categories, exclude_categories=exclude_categories,
@@ -341,6 +343,11 @@ class StreamrecClient:
             request.rerank.candidates = candidates
         if user_model:
             request.user_model = recommend_pb2.UserModel.Value(f"USER_MODEL_{user_model.upper()}")
+        if mmr_lambda:
+            request.diversity.mmr_lambda = mmr_lambda
+        if max_per_category:
+            request.diversity.max_per_category = max_per_category
+        request.explain = explain
         return request
 
     def recommend(self, user_id: str, k: int | None = None, timeout_s: float | None = None, retry: bool | None = None,

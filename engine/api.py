@@ -93,6 +93,9 @@ class RecommendQuery:
     rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
     candidates: int = 0  # retrieved candidates to rerank; 0: the server default
     user_model: str = ""  # "ials" or "sequence" (config.py: user_model); "": the server default
+    mmr_lambda: float = 0.0  # diversity (engine/retrieval/diversity.py): MMR weight in [0, 1]; 0: off
+    max_per_category: int = 0  # diversity: at most this many items of one category; 0: off
+    explain: bool = False  # fill Recommendation.because (engine/retrieval/explain.py)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Recommendation:
     retrieval_scores: np.ndarray | None = None  # float32, when reranked (scores are then the model's)
     reranker: str = ""  # version of the reranking model that ordered the items; "" when not reranked
     user_model: str = ""  # the user model whose query retrieved the items ("ials" or "sequence"); "" for popularity
+    because: list[list[tuple[str, float]]] | None = None  # per item, (recent positive item id, cosine); when asked
     recommendation_id: str = ""  # this answer's impression (events that name it are attributed to it)
 
 

@@ -62,8 +62,10 @@ USER_MODELS = ("", "ials", "sequence")  # "": the server default
 def check_query(limits: Limits, default_k: int, user_id: str, k: int | None, exclude_seen: bool = True,
                 exclude_item_ids=(), include_categories=(), exclude_categories=(), request_id: str = "",
                 user_field: str = "user_id", rerank: bool | None = None, candidates: int = 0,
-                user_model: str = "") -> RecommendQuery:
+                user_model: str = "", mmr_lambda: float = 0.0, max_per_category: int = 0,
+                explain: bool = False) -> RecommendQuery:
     """A validated query; every problem names the request field."""
+    check_diversity(mmr_lambda, max_per_category, limits)
     if user_model not in USER_MODELS:
         raise InvalidArgument("user_model", f"must be one of {', '.join(m for m in USER_MODELS if m)} (or unset: the "
                                             f"server default), got {user_model!r}")
@@ -80,7 +82,18 @@ def check_query(limits: Limits, default_k: int, user_id: str, k: int | None, exc
         rerank=rerank,
         candidates=candidates,
         user_model=user_model,
+        mmr_lambda=float(mmr_lambda),
+        max_per_category=max_per_category,
+        explain=bool(explain),
     )
+
+
+def check_diversity(mmr_lambda: float, max_per_category: int, limits: Limits) -> None:
+    if not (math.isfinite(mmr_lambda) and 0.0 <= mmr_lambda <= 1.0):  # NaN fails the comparison too
+        raise InvalidArgument("diversity.mmr_lambda", f"must be within [0, 1] (0 = off), got {mmr_lambda}")
+    if not 0 <= max_per_category <= limits.max_k:
+        raise InvalidArgument("diversity.max_per_category",
+                              f"must be between 0 (off) and {limits.max_k}, got {max_per_category}")
 
 
 def event_problem(event: Event, limits: Limits, now_ms: int) -> tuple[str, str] | None:

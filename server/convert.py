@@ -49,6 +49,9 @@ def query_fields(request: recommend_pb2.RecommendRequest) -> dict:
         rerank=request.rerank.enabled if request.rerank.HasField("enabled") else None,
         candidates=request.rerank.candidates,
         user_model=_USER_MODELS.get(request.user_model, str(request.user_model)),
+        mmr_lambda=request.diversity.mmr_lambda,
+        max_per_category=request.diversity.max_per_category,
+        explain=request.explain,
     )
 
 
@@ -73,6 +76,10 @@ def add_scored_items(items, result: Recommendation) -> None:
     add = items.add
     for item_id, score, retrieval_score, categories in zip(result.item_ids, scores, retrieval, result.categories):
         add(item_id=item_id, score=score, retrieval_score=retrieval_score, categories=categories)
+    if result.because is not None:
+        for item, reasons in zip(items, result.because):
+            for item_id, similarity in reasons:
+                item.because.add(item_id=item_id, similarity=similarity)
 
 
 def recommend_response(served_by: ServedBy, result: Recommendation, latency_us: int) -> recommend_pb2.RecommendResponse:

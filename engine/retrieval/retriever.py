@@ -12,6 +12,7 @@ import numpy as np
 from streamrec.engine.api import Recommendation, RecommendQuery
 from streamrec.engine.errors import NotFound
 from streamrec.engine.rerank.reranker import Reranker
+from streamrec.engine.retrieval import diversity, explain
 from streamrec.engine.retrieval.topk import Filters, TopKBackend
 from streamrec.engine.state.state import State
 
@@ -32,6 +33,7 @@ class _Prepared:
     include: np.ndarray
     exclude: np.ndarray
     user_models: list[str] | None = None  # per query, the user model asked for (None: item-to-item)
+    positives: dict[int, np.ndarray] | None = None  # query index -> recent positive item rows, for explanations
 
 
 class Retriever:
@@ -126,12 +128,29 @@ class Retriever:
             self.refresh_sequence(sequence_users)
         with self.lock:
             prepared = self._prepare(queries)
+            if any(q.explain for q in queries):
+                prepared.positives = self._positives(queries)
             # Only cold-start queries rank by popularity: skip the pass over every item when none is in the batch.
             cold = any(vector is None for vector in prepared.queries)
             popularity = self.state.items.popularity_scores() if cold else None
             plan = (self.reranker.plan(queries, prepared.queries, self.state, prepared.user_models)
                     if self.reranker is not None else None)
         return self._search(queries, prepared, popularity, plan)
+
+    def _positives(self, queries: list[RecommendQuery]) -> dict[int, np.ndarray]:
+        users, live = self.state.users, self.state.items.live
+        positives = {}
+        for i, query in enumerate(queries):
+            row = users.row_of(query.user_id) if query.explain else None
+            if row is not None:
+                positives[i] = explain.recent_positive_rows(users.history[row], live)
+        return positives
+
+    def _ranked(self, query: RecommendQuery) -> int:
+        """How many ranked items the query chooses its answer from: k, or a diversity pool."""
+        if diversity.wanted(query):
+            return diversity.pool_size(query.k, self.state.config.limits.max_k)
+        return query.k
 
     def similar(self, item_id: str, query: RecommendQuery) -> Recommendation:
         """The items nearest to a live item, under the query's k and category filters; the item itself excluded."""
@@ -153,55 +172,78 @@ class Retriever:
         personal = [i for i, v in enumerate(prepared.queries) if v is not None]
         popular = [i for i, v in enumerate(prepared.queries) if v is None]
         if personal:
-            k = max(plan.candidates[i] if plan is not None and i in plan.candidates else queries[i].k for i in personal)
+            k = max(max(plan.candidates[i], self._ranked(queries[i])) if plan is not None and i in plan.candidates
+                    else self._ranked(queries[i]) for i in personal)
             matrix = np.stack([prepared.queries[i] for i in personal]).astype(np.float32)
             rows, scores = self._search_vectors(matrix, prepared.vectors, k, self._filters(prepared, personal))
             reranked = self._rerank(plan, queries, personal, rows, scores) if plan is not None else {}
             row_lists = rows.tolist()  # one conversion for the batch, not one per query
             for j, i in enumerate(personal):
                 if i in reranked:
-                    results[i] = self._reranked_result(queries[i], *reranked[i], plan.model.version)
+                    results[i] = self._reranked_result(queries[i], *reranked[i], plan.model.version, prepared, i)
                 else:
-                    results[i] = self._result(queries[i], row_lists[j], scores[j], "personalized")
+                    results[i] = self._result(queries[i], row_lists[j], scores[j], "personalized", prepared, i)
                 if prepared.user_models is not None:
                     results[i].user_model = prepared.user_models[i]
                     self.answers[prepared.user_models[i]] += 1
         if popular:
-            k = max(queries[i].k for i in popular)
+            k = max(self._ranked(queries[i]) for i in popular)
             rows, scores = self.backend.rank_scores(popularity, k, self._filters(prepared, popular))
             row_lists = rows.tolist()
             for j, i in enumerate(popular):
-                results[i] = self._result(queries[i], row_lists[j], scores[j], "popular")
+                results[i] = self._result(queries[i], row_lists[j], scores[j], "popular", prepared, i)
         return results  # type: ignore[return-value]
 
     def _rerank(self, plan, queries: list[RecommendQuery], personal: list[int], rows: np.ndarray, scores: np.ndarray) -> dict:
         """One model call for every reranked query of the batch; on a model failure, retrieval order."""
         retrieved = {i: (rows[j], scores[j]) for j, i in enumerate(personal) if i in plan.users}
         try:
-            return self.reranker.rerank(plan, retrieved, {i: queries[i].k for i in retrieved})
+            return self.reranker.rerank(plan, retrieved, {i: self._ranked(queries[i]) for i in retrieved})
         except Exception:  # noqa: BLE001 - a failing model must not fail requests
             self.reranker.failed_batches += 1
             log.exception("reranker %s failed on a batch of %d; answering in retrieval order", plan.model.version, len(retrieved))
             return {}
 
     def _reranked_result(self, query: RecommendQuery, rows: np.ndarray, model_scores: np.ndarray,
-                         retrieval_scores: np.ndarray, version: str) -> Recommendation:
+                         retrieval_scores: np.ndarray, version: str, prepared: _Prepared, index: int) -> Recommendation:
+        if diversity.wanted(query):
+            picks = self._diversify(query, rows, model_scores, prepared)
+            rows, model_scores, retrieval_scores = rows[picks], model_scores[picks], retrieval_scores[picks]
         items = self.state.items
-        return Recommendation(
+        result = Recommendation(
             request_id=query.request_id, user_id=query.user_id, item_ids=[items.ids[r] for r in rows],
             scores=model_scores.astype(np.float32), categories=[list(items.categories[r]) for r in rows],
             strategy="personalized", retrieval_scores=retrieval_scores.astype(np.float32), reranker=version,
         )
+        return self._explained(query, rows, result, prepared, index)
 
-    def _result(self, query: RecommendQuery, rows: list[int], scores: np.ndarray, strategy: str) -> Recommendation:
+    def _result(self, query: RecommendQuery, rows: list[int], scores: np.ndarray, strategy: str,
+                prepared: _Prepared | None = None, index: int = 0) -> Recommendation:
         """rows: the query's row of the backend's answer as a list; scores: its float32 row (a view is kept)."""
-        found = rows[: query.k]
+        found = rows[: self._ranked(query)]
         while found and found[-1] < 0:  # backends pad missing places at the end
             found.pop()
+        scores = scores[: len(found)]
+        if diversity.wanted(query):
+            picks = self._diversify(query, np.array(found, np.int64), scores, prepared)
+            found, scores = [found[p] for p in picks.tolist()], scores[picks]
         items = self.state.items
         ids, categories = items.ids, items.categories
         # An item's category list is replaced, never changed in place, on update: safe to share.
-        return Recommendation(
+        result = Recommendation(
             request_id=query.request_id, user_id=query.user_id, item_ids=[ids[r] for r in found],
-            scores=np.asarray(scores[: len(found)], np.float32), categories=[categories[r] for r in found], strategy=strategy,
+            scores=np.asarray(scores, np.float32), categories=[categories[r] for r in found], strategy=strategy,
         )
+        return self._explained(query, found, result, prepared, index)
+
+    @staticmethod
+    def _diversify(query: RecommendQuery, rows: np.ndarray, scores: np.ndarray, prepared: _Prepared) -> np.ndarray:
+        return diversity.select(scores, prepared.vectors[rows], prepared.category_bits[rows], query.k,
+                                query.mmr_lambda, query.max_per_category)
+
+    def _explained(self, query: RecommendQuery, rows, result: Recommendation, prepared: _Prepared | None,
+                   index: int) -> Recommendation:
+        if query.explain and prepared is not None:
+            positives = (prepared.positives or {}).get(index, explain.NO_ROWS)
+            result.because = explain.because(rows, positives, prepared.vectors, self.state.items.ids)
+        return result
