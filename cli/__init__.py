@@ -16,7 +16,7 @@ def env(name: str, default):
 # from here, and `python -m streamrec.cli.evaluate` must not find its module already imported.
 
 def build_parser() -> argparse.ArgumentParser:
-    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train, train_sequence
+    from streamrec.cli import client, deploy, evaluate, experiment, rerank, serve, token, train, train_sequence
 
     parser = argparse.ArgumentParser(prog="streamrec", description="Real-time recommendation engine over gRPC.")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
@@ -29,11 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.register(sub)
     train.register(sub)
     train_sequence.register(sub)
+    experiment.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamrec.cli import client, deploy, evaluate, rerank, serve, token, train, train_sequence
+    from streamrec.cli import client, deploy, evaluate, experiment, rerank, serve, token, train, train_sequence
 
     args = build_parser().parse_args(argv)
     process = os.environ.get("STREAMREC_PROCESS_NAME")  # set by `serve --replicas N` for each of its processes
@@ -53,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return deploy.run(args)
     if args.command == "train-sequence":
         return train_sequence.run(args)
+    if args.command == "experiment":
+        return experiment.run(args)
     return client.run(args)

@@ -47,6 +47,8 @@ from streamrec.v1 import (
     diagnostics_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    experiments_pb2,
+    experiments_pb2_grpc,
     recommend_pb2,
     recommend_pb2_grpc,
 )
@@ -273,6 +275,7 @@ class StreamrecClient:
         self.events = events_pb2_grpc.EventServiceStub(self.channel)
         self.recommender = recommend_pb2_grpc.RecommendServiceStub(self.channel)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+        self.experiments = experiments_pb2_grpc.ExperimentServiceStub(self.channel)
         self.diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -429,6 +432,31 @@ class StreamrecClient:
         current one; unload=True serves retrieval only. A model that fails validation: INVALID_ARGUMENT."""
         request = catalog_pb2.LoadRerankerRequest(path=path, unload=unload)
         return self._unary(self.catalog.LoadReranker, request, timeout_s, True, retry)
+
+    # --- experiments (admin) ---------------------------------------------------------------------------
+    def create_experiment(self, name: str, arms: Sequence[tuple[str, float, dict]], description: str = "",
+                          timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        """arms: (name, weight, options), options being recommend_request keyword arguments the arm sets,
+        e.g. {"rerank": False} or {"user_model": "sequence"}."""
+        experiment = experiments_pb2.Experiment(name=name, description=description, arms=[
+            experiments_pb2.ExperimentArm(name=arm, weight=weight, options=self.recommend_request("", **options))
+            for arm, weight, options in arms])
+        request = experiments_pb2.CreateExperimentRequest(experiment=experiment)
+        return self._unary(self.experiments.CreateExperiment, request, timeout_s, False, False)
+
+    def stop_experiment(self, name: str, timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        return self._unary(self.experiments.StopExperiment, experiments_pb2.StopExperimentRequest(name=name),
+                           timeout_s, True, None)
+
+    def get_experiment(self, name: str, timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        """The experiment with its arms' outcomes so far (impressions, attributed clicks and purchases, CTR and
+        conversion with 95% intervals)."""
+        return self._unary(self.experiments.GetExperiment, experiments_pb2.GetExperimentRequest(name=name),
+                           timeout_s, True, None)
+
+    def list_experiments(self, timeout_s: float | None = None) -> list[experiments_pb2.Experiment]:
+        return list(self._unary(self.experiments.ListExperiments, experiments_pb2.ListExperimentsRequest(),
+                                timeout_s, True, None).experiments)
 
     # --- diagnostics -------------------------------------------------------------------------------------
     def ping(self, payload: bytes = b"", timeout_s: float | None = None) -> diagnostics_pb2.PingResponse:

@@ -35,7 +35,7 @@ _EXPORTS = {
                                    "OutOfRange", "FailedPrecondition", "OtherLog", "DeadlineExceeded")},
     **{name: "api" for name in ("Event", "EventType", "ItemSpec", "Rejection", "IngestResult", "UpsertResult",
                                 "DeleteResult", "ForgetResult", "RecommendQuery", "Recommendation", "ItemView", "UserView",
-                                "ServedBy", "EngineStats", "SnapshotData")},
+                                "ServedBy", "EngineStats", "SnapshotData", "Arm", "Experiment")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -93,6 +93,8 @@ class RecommendQuery:
     rerank: bool | None = None  # None: the server default (rerank when a model is loaded)
     candidates: int = 0  # retrieved candidates to rerank; 0: the server default
     user_model: str = ""  # "ials" or "sequence" (config.py: user_model); "": the server default
+    experiment: str = ""  # set by the engine: the running experiment and the user's arm (feedback/experiments.py)
+    arm: str = ""
     mmr_lambda: float = 0.0  # diversity (engine/retrieval/diversity.py): MMR weight in [0, 1]; 0: off
     max_per_category: int = 0  # diversity: at most this many items of one category; 0: off
     explain: bool = False  # fill Recommendation.because (engine/retrieval/explain.py)
@@ -111,6 +113,8 @@ class Recommendation:
     user_model: str = ""  # the user model whose query retrieved the items ("ials" or "sequence"); "" for popularity
     because: list[list[tuple[str, float]]] | None = None  # per item, (recent positive item id, cosine); when asked
     recommendation_id: str = ""  # this answer's impression (events that name it are attributed to it)
+    experiment: str = ""  # the experiment and arm whose options answered; "" outside an experiment
+    arm: str = ""
 
 
 @dataclass
@@ -133,6 +137,31 @@ class UserView:
     event_count: int
     seen_items: int
     last_event_ms: int
+
+
+# --- experiments (feedback/experiments.py) ---
+ARM_OPTIONS = ("rerank", "candidates", "user_model", "mmr_lambda", "max_per_category", "explain")  # RecommendQuery
+# fields an arm may set; the rest (user, k, filters) belong to the request
+
+
+@dataclass
+class Arm:
+    name: str
+    weight: float  # share of users, relative to the other arms'
+    options: dict = field(default_factory=dict)  # RecommendQuery field (ARM_OPTIONS) -> value
+
+
+@dataclass
+class Experiment:
+    name: str
+    arms: list[Arm]
+    description: str = ""
+    created_ms: int = 0
+    stopped_ms: int = 0  # 0: running
+
+    @property
+    def running(self) -> bool:
+        return self.stopped_ms == 0
 
 
 # --- replication (a replica on another machine; engine/replica/feed.py and remote.py) ---

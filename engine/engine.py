@@ -14,16 +14,18 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from streamrec.engine.api import (
+    Arm,
     DeleteResult,
     EngineStats,
     Event,
+    Experiment,
     ForgetResult,
     IngestResult,
     ItemSpec,
@@ -37,6 +39,7 @@ from streamrec.engine.api import (
 )
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import warmup as warm_update_kernel
+from streamrec.engine.feedback.experiments import Experiments, assign, check_experiment
 from streamrec.engine.feedback.impressions import FOLDER as IMPRESSIONS_FOLDER
 from streamrec.engine.feedback.impressions import Impression, ImpressionLog, RetentionPolicy, new_recommendation_id
 from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
@@ -62,6 +65,7 @@ from streamrec.engine.write.recovery import recover
 from streamrec.engine.write.writer import GroupCommitWriter, OpKind
 
 log = logging.getLogger(__name__)
+_QUERY_DEFAULTS = {f.name: f.default for f in fields(RecommendQuery)}  # what a request leaves unset
 
 _DIM_KEY = "dim"
 
@@ -136,6 +140,7 @@ class Engine:
             RetentionPolicy(config.impression_max_records, int(config.impression_max_age_days * 86_400_000),
                             int(config.attribution_window_s * 1000)),
             config.impression_queue, sync=config.sync) if config.impressions else None
+        self.experiments = Experiments(self.impressions) if self.impressions is not None else None
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
             self._recommend_batch, config.max_batch, config.max_wait_us, config.recommend_queue_size,
             on_batch=self.observer.recommend_batch)
@@ -402,12 +407,56 @@ class Engine:
         results = self.retriever.recommend(queries)
         if self.impressions is not None:
             now_ms = int(time.time() * 1000)
-            for result in results:
+            for query, result in zip(queries, results):
                 result.recommendation_id = new_recommendation_id()
+                result.experiment, result.arm = query.experiment, query.arm
                 self.impressions.record(Impression(
                     result.recommendation_id, result.user_id, list(result.item_ids), result.scores.tolist(), now_ms,
-                    self._model_version, result.user_model, result.reranker))
+                    self._model_version, result.user_model, result.reranker, query.experiment, query.arm))
         return results
+
+    # --- experiments (feedback/experiments.py) ---------------------------------------------------------
+    def _experiments_check(self) -> Experiments:
+        if self.experiments is None:
+            raise FailedPrecondition("", "experiments need the impression log (EngineConfig.impressions)")
+        return self.experiments
+
+    def _check_arm_options(self, options: dict) -> None:
+        if options.get("user_model") == "sequence" and self.state.sequence is None:
+            raise FailedPrecondition("user_model", "this server has no sequence model")
+        try:
+            self.build_query("arm", None, **options)
+        except TypeError as error:
+            raise InvalidArgument("options", f"not an option of this server: {error}") from None
+
+    def create_experiment(self, name: str, arms: list[Arm], description: str = "") -> Experiment:
+        """Start an A/B experiment (one runs at a time; a name is never reused). INVALID_ARGUMENT names the
+        field at fault."""
+        experiment = Experiment(name, arms, description)
+        check_experiment(experiment, self._check_arm_options)
+        return self._experiments_check().create(experiment)
+
+    def stop_experiment(self, name: str) -> Experiment:
+        return self._experiments_check().stop(name)
+
+    def list_experiments(self) -> list[Experiment]:
+        return self._experiments_check().list()
+
+    def experiment_report(self, name: str) -> dict:
+        """The experiment and, per arm, impressions, attributed clicks and purchases, CTR and conversion with
+        Wilson 95% intervals."""
+        return self._experiments_check().report(name)
+
+    def _assign_arm(self, query: RecommendQuery) -> None:
+        """The running experiment's arm fills the options the request left unset."""
+        experiment = self.experiments.running() if self.experiments is not None else None
+        if experiment is None or not query.user_id:
+            return
+        arm = assign(experiment, query.user_id)
+        for option, value in arm.options.items():
+            if getattr(query, option, None) == _QUERY_DEFAULTS.get(option):
+                setattr(query, option, value)
+        query.experiment, query.arm = experiment.name, arm.name
 
     def impressions_info(self) -> dict:
         if self.impressions is None:
@@ -415,6 +464,7 @@ class Engine:
         return {"enabled": True, **self.impressions.info(), "arms": self.impressions.totals()}
 
     def recommend_async(self, query: RecommendQuery, deadline: float | None = None) -> Future:
+        self._assign_arm(query)
         if query.user_model == "sequence" and self.state.sequence is None:
             raise FailedPrecondition("user_model", "this server has no sequence model (serve --user-model sequence "
                                                    "or --sequence-model PATH)")

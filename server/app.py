@@ -34,6 +34,7 @@ from streamrec.server.servicers import (
     EventServicer,
     RecommendServicer,
 )
+from streamrec.server.experiments import ExperimentServicer
 from streamrec.server.tls import server_credentials, tls_files
 from streamrec.v1 import (
     catalog_pb2,
@@ -42,6 +43,8 @@ from streamrec.v1 import (
     diagnostics_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    experiments_pb2,
+    experiments_pb2_grpc,
     recommend_pb2,
     recommend_pb2_grpc,
     replication_pb2_grpc,
@@ -54,6 +57,7 @@ SERVICE_NAMES = (
     recommend_pb2.DESCRIPTOR.services_by_name["RecommendService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name,
+    experiments_pb2.DESCRIPTOR.services_by_name["ExperimentService"].full_name,
 )
 
 
@@ -148,6 +152,7 @@ class StreamrecServer:
         recommend_pb2_grpc.add_RecommendServiceServicer_to_server(RecommendServicer(self.holder), self.grpc_server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(self.holder), self.grpc_server)
         diagnostics_pb2_grpc.add_DiagnosticsServiceServicer_to_server(DiagnosticsServicer(), self.grpc_server)
+        experiments_pb2_grpc.add_ExperimentServiceServicer_to_server(ExperimentServicer(self.holder), self.grpc_server)
         if config.role == "primary":
             replication_pb2_grpc.add_ReplicationServiceServicer_to_server(ReplicationServicer(self.holder),
                                                                           self.grpc_server)

@@ -4,6 +4,7 @@ Roles (each includes the ones before it)
     reader  RecommendService (Recommend, RecommendBatch, RecommendStream, SimilarItems)
     writer  + EventService (PublishEvents, StreamEvents)
     admin   + CatalogService (UpsertItems, DeleteItems, GetItem, GetUser, ForgetUser, Stats, LoadReranker)
+            + ExperimentService (CreateExperiment, StopExperiment, GetExperiment, ListExperiments)
             and any RPC of a service this module does not know (a future admin RPC is closed by default)
 
     The role of each service comes from the proto descriptors (SERVICE_ROLES); METHOD_ROLES can give a
@@ -55,7 +56,7 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from streamrec.v1 import catalog_pb2, diagnostics_pb2, events_pb2, recommend_pb2, replication_pb2
+from streamrec.v1 import catalog_pb2, diagnostics_pb2, events_pb2, experiments_pb2, recommend_pb2, replication_pb2
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ SERVICE_ROLES: dict[str, str] = {
     diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"].full_name: "reader",
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name: "writer",
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name: "admin",
+    # Starts and stops A/B tests that change what every user is served.
+    experiments_pb2.DESCRIPTOR.services_by_name["ExperimentService"].full_name: "admin",
     # The whole state and log, every user's events included: only for replicas, which hold an admin token.
     replication_pb2.DESCRIPTOR.services_by_name["ReplicationService"].full_name: "admin",
 }

@@ -90,6 +90,7 @@ def recommend_response(served_by: ServedBy, result: Recommendation, latency_us: 
     response.served_by.reranker = result.reranker
     response.served_by.user_model = result.user_model
     response.recommendation_id = result.recommendation_id
+    response.experiment, response.arm = result.experiment, result.arm
     return response
 
 

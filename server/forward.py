@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 
 from streamrec.server.tls import TlsFiles
-from streamrec.v1 import catalog_pb2_grpc, events_pb2_grpc
+from streamrec.v1 import catalog_pb2_grpc, events_pb2_grpc, experiments_pb2_grpc
 
 _HOP_HEADERS = ("grpc-", ":")  # set by each hop's transport, not by the caller
 
@@ -37,6 +37,7 @@ class PrimaryForwarder:
         self._channel = primary_channel(target, tls, max_message_bytes)
         self.events = events_pb2_grpc.EventServiceStub(self._channel)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self.experiments = experiments_pb2_grpc.ExperimentServiceStub(self._channel)
 
     def unary(self, method, request, context):
         """method: a stub's callable, e.g. self.catalog.UpsertItems. The primary's status is raised as a

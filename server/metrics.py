@@ -64,6 +64,8 @@ class Metrics(EngineObserver):
         self.applied_seq.set_function(lambda: engine.served_by().applied_seq)
         self.log_last_seq.set_function(lambda: engine.stats().last_seq)
         self.replicas.set_function(lambda: engine.stats().replicas)
+        if engine.impressions is not None:
+            self.registry.register(_ArmCollector(engine))
 
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -74,6 +76,37 @@ class Metrics(EngineObserver):
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+class _ArmCollector:
+    """Impressions and attributed events per experiment arm, and the impression log's own counters, read from
+    the log at scrape time (engine/feedback/impressions.py)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):
+        return []  # no fixed set of series: the arms come and go with experiments
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        info = self.engine.impressions_info()
+        shown = CounterMetricFamily("streamrec_arm_impressions", "Impressions per experiment arm", labels=["experiment", "arm"])
+        outcomes = CounterMetricFamily("streamrec_arm_events", "Attributed events per experiment arm and event type",
+                                       labels=["experiment", "arm", "type"])
+        for key, counts in info.get("arms", {}).items():
+            experiment, _, arm = key.partition("/")
+            shown.add_metric([experiment, arm], counts.get("impressions", 0))
+            for name, value in counts.items():
+                if name not in ("impressions", "attributed"):
+                    outcomes.add_metric([experiment, arm, name], value)
+        log = CounterMetricFamily("streamrec_impression_log", "Impression log counters of this process", labels=["counter"])
+        for name in ("recorded", "shed", "attributed", "unattributed_unknown_id", "unattributed_other_user",
+                     "unattributed_not_shown", "unattributed_outside_window", "pruned"):
+            log.add_metric([name], info.get(name, 0))
+        stored = GaugeMetricFamily("streamrec_impressions_stored", "Impressions kept by the log", value=info.get("stored", 0))
+        return [shown, outcomes, log, stored]
 
 
 def _wrap_unary(behavior, method: str, metrics: Metrics):

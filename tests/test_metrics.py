@@ -36,3 +36,20 @@ def test_metrics_endpoint_exposes_the_named_series(server, client):
     assert value(text, "streamrec_items") >= 2000 and value(text, "streamrec_users") >= 500
     assert value(text, "streamrec_checkpoint_age_seconds") >= 0
     assert "streamrec_write_queue" in text
+
+
+def test_metrics_expose_impressions_per_arm(server, client):
+    answer = client.recommend("u2", k=3)
+    client.publish([make_event("u2", answer.items[0].item_id, "click", 1.0, recommendation_id=answer.recommendation_id)])
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = scrape(server)
+        if 'streamrec_arm_events_total{arm="",experiment="",type="click"} 1' in text:  # attributed (async)
+            break
+        time.sleep(0.05)
+    assert value(text, 'streamrec_arm_impressions_total{arm="",experiment=""}') >= 1
+    assert value(text, 'streamrec_arm_events_total{arm="",experiment="",type="click"}') >= 1
+    assert value(text, 'streamrec_impression_log_total{counter="recorded"}') >= 1
+    assert value(text, "streamrec_impressions_stored") >= 1

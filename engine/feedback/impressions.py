@@ -37,8 +37,9 @@ from streamrec.engine.store.lmdb_env import MAX_READERS
 log = logging.getLogger(__name__)
 
 FOLDER = "impressions"
-_DBS = ("impressions", "by_time", "by_user", "totals")
+_DBS = ("impressions", "by_time", "by_user", "totals", "experiments")  # experiments: experiments.py
 _TS = struct.Struct(">Q")
+CLOCK_SKEW_MS = 60_000  # an event stamped by the client may read up to this much before the server's impression
 _COUNTS = ("impressions", "attributed", *(t.name.lower() for t in EventType))
 
 
@@ -227,7 +228,7 @@ class ImpressionLog:
         if event.item_id not in impression.item_ids:
             self.counters["unattributed_not_shown"] += 1
             return
-        if not 0 <= event.timestamp_ms - impression.shown_ms <= self.policy.attribution_window_ms:
+        if not -CLOCK_SKEW_MS <= event.timestamp_ms - impression.shown_ms <= self.policy.attribution_window_ms:
             self.counters["unattributed_outside_window"] += 1
             return
         if any(outcome[4] == event.event_id for outcome in impression.outcomes):

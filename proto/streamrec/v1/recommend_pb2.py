@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from streamrec.v1 import common_pb2 as streamrec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstreamrec/v1/recommend.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"E\n\rRerankOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ncandidates\x18\x02 \x01(\rB\n\n\x08_enabled\"9\n\tDiversity\x12\x12\n\nmmr_lambda\x18\x01 \x01(\x02\x12\x18\n\x10max_per_category\x18\x02 \x01(\r\"\x83\x03\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1a\n\x12include_categories\x18\x06 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x07 \x03(\t\x12+\n\x06rerank\x18\x08 \x01(\x0b\x32\x1b.streamrec.v1.RerankOptions\x12\x0f\n\x07min_seq\x18\t \x01(\x04\x12\x0e\n\x06log_id\x18\n \x01(\t\x12+\n\nuser_model\x18\x0b \x01(\x0e\x32\x17.streamrec.v1.UserModel\x12*\n\tdiversity\x18\x0c \x01(\x0b\x32\x17.streamrec.v1.Diversity\x12\x0f\n\x07\x65xplain\x18\r \x01(\x08\x42\x04\n\x02_kB\x0f\n\r_exclude_seen\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf9\x01\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.streamrec.v1.ScoredItem\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12)\n\tserved_by\x18\x05 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x19\n\x11server_latency_us\x18\x06 \x01(\x04\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.streamrec.v1.Status\x12\x19\n\x11recommendation_id\x18\x08 \x01(\t\"j\n\x15RecommendBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.streamrec.v1.RecommendRequest\x12\x0f\n\x07min_seq\x18\x02 \x01(\x04\x12\x0e\n\x06log_id\x18\x03 \x01(\t\"L\n\x16RecommendBatchResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.streamrec.v1.RecommendResponse\"\xa9\x01\n\x13SimilarItemsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12include_categories\x18\x04 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x05 \x03(\t\x12\x0f\n\x07min_seq\x18\x06 \x01(\x04\x12\x0e\n\x06log_id\x18\x07 \x01(\tB\x04\n\x02_k\"\xaa\x01\n\x14SimilarItemsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.streamrec.v1.ScoredItem\x12)\n\tserved_by\x18\x04 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x19\n\x11server_latency_us\x18\x05 \x01(\x04*Q\n\tUserModel\x12\x16\n\x12USER_MODEL_DEFAULT\x10\x00\x12\x13\n\x0fUSER_MODEL_IALS\x10\x01\x12\x17\n\x13USER_MODEL_SEQUENCE\x10\x02\x32\xec\x02\n\x10RecommendService\x12L\n\tRecommend\x12\x1e.streamrec.v1.RecommendRequest\x1a\x1f.streamrec.v1.RecommendResponse\x12[\n\x0eRecommendBatch\x12#.streamrec.v1.RecommendBatchRequest\x1a$.streamrec.v1.RecommendBatchResponse\x12V\n\x0fRecommendStream\x12\x1e.streamrec.v1.RecommendRequest\x1a\x1f.streamrec.v1.RecommendResponse(\x01\x30\x01\x12U\n\x0cSimilarItems\x12!.streamrec.v1.SimilarItemsRequest\x1a\".streamrec.v1.SimilarItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstreamrec/v1/recommend.proto\x12\x0cstreamrec.v1\x1a\x19streamrec/v1/common.proto\"E\n\rRerankOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ncandidates\x18\x02 \x01(\rB\n\n\x08_enabled\"9\n\tDiversity\x12\x12\n\nmmr_lambda\x18\x01 \x01(\x02\x12\x18\n\x10max_per_category\x18\x02 \x01(\r\"\x83\x03\n\x10RecommendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x1a\n\x12include_categories\x18\x06 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x07 \x03(\t\x12+\n\x06rerank\x18\x08 \x01(\x0b\x32\x1b.streamrec.v1.RerankOptions\x12\x0f\n\x07min_seq\x18\t \x01(\x04\x12\x0e\n\x06log_id\x18\n \x01(\t\x12+\n\nuser_model\x18\x0b \x01(\x0e\x32\x17.streamrec.v1.UserModel\x12*\n\tdiversity\x18\x0c \x01(\x0b\x32\x17.streamrec.v1.Diversity\x12\x0f\n\x07\x65xplain\x18\r \x01(\x08\x42\x04\n\x02_kB\x0f\n\r_exclude_seen\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x02\n\x11RecommendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.streamrec.v1.ScoredItem\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12)\n\tserved_by\x18\x05 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x19\n\x11server_latency_us\x18\x06 \x01(\x04\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.streamrec.v1.Status\x12\x19\n\x11recommendation_id\x18\x08 \x01(\t\x12\x12\n\nexperiment\x18\t \x01(\t\x12\x0b\n\x03\x61rm\x18\n \x01(\t\"j\n\x15RecommendBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.streamrec.v1.RecommendRequest\x12\x0f\n\x07min_seq\x18\x02 \x01(\x04\x12\x0e\n\x06log_id\x18\x03 \x01(\t\"L\n\x16RecommendBatchResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.streamrec.v1.RecommendResponse\"\xa9\x01\n\x13SimilarItemsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12include_categories\x18\x04 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x05 \x03(\t\x12\x0f\n\x07min_seq\x18\x06 \x01(\x04\x12\x0e\n\x06log_id\x18\x07 \x01(\tB\x04\n\x02_k\"\xaa\x01\n\x14SimilarItemsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\'\n\x05items\x18\x03 \x03(\x0b\x32\x18.streamrec.v1.ScoredItem\x12)\n\tserved_by\x18\x04 \x01(\x0b\x32\x16.streamrec.v1.ServedBy\x12\x19\n\x11server_latency_us\x18\x05 \x01(\x04*Q\n\tUserModel\x12\x16\n\x12USER_MODEL_DEFAULT\x10\x00\x12\x13\n\x0fUSER_MODEL_IALS\x10\x01\x12\x17\n\x13USER_MODEL_SEQUENCE\x10\x02\x32\xec\x02\n\x10RecommendService\x12L\n\tRecommend\x12\x1e.streamrec.v1.RecommendRequest\x1a\x1f.streamrec.v1.RecommendResponse\x12[\n\x0eRecommendBatch\x12#.streamrec.v1.RecommendBatchRequest\x1a$.streamrec.v1.RecommendBatchResponse\x12V\n\x0fRecommendStream\x12\x1e.streamrec.v1.RecommendRequest\x1a\x1f.streamrec.v1.RecommendResponse(\x01\x30\x01\x12U\n\x0cSimilarItems\x12!.streamrec.v1.SimilarItemsRequest\x1a\".streamrec.v1.SimilarItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'streamrec.v1.recommend_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERMODEL']._serialized_start=1417
-  _globals['_USERMODEL']._serialized_end=1498
+  _globals['_USERMODEL']._serialized_start=1450
+  _globals['_USERMODEL']._serialized_end=1531
   _globals['_RERANKOPTIONS']._serialized_start=73
   _globals['_RERANKOPTIONS']._serialized_end=142
   _globals['_DIVERSITY']._serialized_start=144
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUS']._serialized_start=593
   _globals['_STATUS']._serialized_end=632
   _globals['_RECOMMENDRESPONSE']._serialized_start=635
-  _globals['_RECOMMENDRESPONSE']._serialized_end=884
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=886
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=992
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=994
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=1070
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1073
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1242
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1245
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1415
-  _globals['_RECOMMENDSERVICE']._serialized_start=1501
-  _globals['_RECOMMENDSERVICE']._serialized_end=1865
+  _globals['_RECOMMENDRESPONSE']._serialized_end=917
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=919
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=1025
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=1027
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=1103
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1106
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1275
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1278
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1448
+  _globals['_RECOMMENDSERVICE']._serialized_start=1534
+  _globals['_RECOMMENDSERVICE']._serialized_end=1898
 # @@protoc_insertion_point(module_scope)
