@@ -110,6 +110,45 @@ def test_mmr_equals_the_greedy_rule_over_the_retrieved_pool(engine):
     assert answer(engine, "u3", k, mmr_lambda=lam).item_ids == mixed.item_ids  # deterministic
 
 
+def linear_reranker(path, seed: int = 0):
+    """A linear ONNX scorer over the feature rows (random weights: distinct scores, an order unlike retrieval's)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from streamrec.engine.rerank.features import feature_count
+
+    width = feature_count(CONFIG.dim)
+    weights = np.random.default_rng(seed).standard_normal((width, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["m"]), helper.make_node("Reshape", ["m", "shape"], ["score"])],
+        "linear", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array([-1], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_diversity_chooses_from_the_reranked_pool(engine, tmp_path):
+    engine.load_reranker(linear_reranker(tmp_path / "linear.onnx"))
+    try:
+        k, lam = 10, 0.6
+        ask = dict(rerank=True, candidates=200)
+        pool = engine.recommend([engine.build_query("u7", diversity.pool_size(k, engine.limits.max_k), **ask)])[0]
+        plain = engine.recommend([engine.build_query("u7", k, **ask)])[0]
+        mixed = engine.recommend([engine.build_query("u7", k, mmr_lambda=lam, **ask)])[0]
+    finally:
+        engine.unload_reranker()
+    assert pool.reranker and mixed.reranker == pool.reranker
+    assert plain.item_ids == pool.item_ids[:k]
+    assert mixed.item_ids == reference_mmr(engine, pool.item_ids, pool.scores, k, lam, 0, pool.categories)
+    assert mixed.item_ids != plain.item_ids
+    model, retrieval = (dict(zip(pool.item_ids, s.tolist())) for s in (pool.scores, pool.retrieval_scores))
+    assert mixed.scores.tolist() == [model[i] for i in mixed.item_ids]
+    assert mixed.retrieval_scores.tolist() == [retrieval[i] for i in mixed.item_ids]
+
+
 def test_category_cap_holds(engine):
     plain = answer(engine, "u5")
     counts = {}
