@@ -66,19 +66,21 @@ def test_arms_fill_unset_options_and_answers_say_which(engine):
 def test_outcomes_are_counted_per_arm_with_intervals(engine):
     engine.create_experiment("ctr", [Arm("a", 1.0), Arm("b", 1.0)])
     now = int(time.time() * 1000)
-    clicks = Counter()
+    clicks, clicked = Counter(), Counter()
     for n, user in enumerate(USERS):
         answer = ask(engine, user)
-        if n % 2 == 0 and answer.item_ids:
-            engine.ingest([Event(f"c{n}", user, answer.item_ids[0], EventType.CLICK, 1.0, now,
-                                 answer.recommendation_id)])
-            clicks[answer.arm] += 1
+        if n % 2 == 0 and len(answer.item_ids) >= 2:
+            shown = answer.item_ids[: 2 if n % 4 == 0 else 1]  # some impressions get two clicks
+            engine.ingest([Event(f"c{n}-{j}", user, item, EventType.CLICK, 1.0, now, answer.recommendation_id)
+                           for j, item in enumerate(shown)])
+            clicks[answer.arm] += len(shown)
+            clicked[answer.arm] += 1
     engine.impressions.flush()
     report = engine.experiment_report("ctr")
     for arm in ("a", "b"):
         row = report["arms"][arm]
         assert row["clicks"] == clicks[arm] and row["impressions"] > 0
-        assert row["ctr"] == pytest.approx(clicks[arm] / row["impressions"])
+        assert row["ctr"] == pytest.approx(clicked[arm] / row["impressions"])  # impressions with a click
         assert row["ctr_low"] <= row["ctr"] <= row["ctr_high"]
 
 

@@ -8,8 +8,9 @@ assigned by a hash of (experiment, user id), and their live outcomes from the im
   and arms cannot change: a different test is a new experiment.
 - Definitions live in the impression log's environment (`experiments` database), shared by a machine's
   processes; each process rereads them at most every REFRESH_S, so a replica follows a start or stop within it.
-- Outcomes: impressions per arm and attributed events by type (impressions.py). CTR = attributed clicks per
-  impression, conversion = attributed purchases per impression, each with a Wilson 95% interval.
+- Outcomes: impressions per arm and attributed events by type (impressions.py). CTR = the share of impressions
+  with at least one attributed click, conversion = with at least one attributed purchase, each with a Wilson 95%
+  interval; clicks and purchases (all of them) are reported beside.
 """
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def wilson(successes: int, trials: int) -> tuple[float, float, float]:
 def arm_report(counts: dict) -> dict:
     impressions = int(counts.get("impressions", 0))
     clicks, purchases = int(counts.get("click", 0)), int(counts.get("purchase", 0))
-    ctr, ctr_low, ctr_high = wilson(clicks, impressions)
-    conversion, conv_low, conv_high = wilson(purchases, impressions)
+    ctr, ctr_low, ctr_high = wilson(int(counts.get("clicked", 0)), impressions)
+    conversion, conv_low, conv_high = wilson(int(counts.get("converted", 0)), impressions)
     return {"impressions": impressions, "clicks": clicks, "purchases": purchases,
             "attributed": int(counts.get("attributed", 0)), "ctr": ctr, "ctr_low": ctr_low, "ctr_high": ctr_high,
             "conversion": conversion, "conversion_low": conv_low, "conversion_high": conv_high}

@@ -40,7 +40,10 @@ FOLDER = "impressions"
 _DBS = ("impressions", "by_time", "by_user", "totals", "experiments")  # experiments: experiments.py
 _TS = struct.Struct(">Q")
 CLOCK_SKEW_MS = 60_000  # an event stamped by the client may read up to this much before the server's impression
-_COUNTS = ("impressions", "attributed", *(t.name.lower() for t in EventType))
+# Per arm: impressions, attributed events, events by type, and impressions with at least one click ("clicked") or
+# purchase ("converted"): the numerators of CTR and conversion, which are proportions of impressions.
+_COUNTS = ("impressions", "attributed", "clicked", "converted", *(t.name.lower() for t in EventType))
+_FIRST = {"click": "clicked", "purchase": "converted"}
 
 
 @dataclass
@@ -234,10 +237,11 @@ class ImpressionLog:
         if any(outcome[4] == event.event_id for outcome in impression.outcomes):
             return  # a retried event: attributed once
         position = impression.item_ids.index(event.item_id) + 1
-        impression.outcomes.append([EventType(int(event.type)).name.lower(), event.item_id, position,
-                                    event.timestamp_ms, event.event_id])
+        kind = EventType(int(event.type)).name.lower()
+        first = _FIRST.get(kind) if not any(o[0] == kind for o in impression.outcomes) else None
+        impression.outcomes.append([kind, event.item_id, position, event.timestamp_ms, event.event_id])
         txn.put(key, json.dumps(asdict(impression), separators=(",", ":")).encode(), db=self.dbs["impressions"])
-        self._count(txn, impression, "attributed", EventType(int(event.type)).name.lower())
+        self._count(txn, impression, "attributed", kind, *([first] if first else []))
         self.counters["attributed"] += 1
 
     def _count(self, txn, impression: Impression, *names: str) -> None:
