@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train-reranker", help="train the ONNX reranking model from the event log (needs torch: extra 'train')",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    p.add_argument("--events", type=Path, default=None,
+                   help="train on this interaction log (CSV/.tsv/Parquet: user_id, item_id, optional type, value, "
+                        "timestamp) instead of --dataset: its impressions are simulated by replaying it")
     p.add_argument("--out", type=Path, default=SHIPPED_RERANKER, help="ONNX file to write; the sidecar goes next to it (.json)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension of the engines it replays (must match serving)")
     p.add_argument("--candidates", type=int, default=200, help="retrieved candidates per impression / request")
@@ -46,15 +49,21 @@ def run(args) -> int:
               "pip install -e '.[train]'  (torch==2.13.0 CPU build, onnx)", file=sys.stderr)
         return 2
     from streamrec.engine.offline.rerank_training import TrainConfig, train_reranker
-    from streamrec.engine.offline.datasets import load
+    from streamrec.engine.offline.datasets import dataset_from_file, load
+    from streamrec.engine import SHIPPED_RERANKER
 
     overrides = {name: getattr(args, name) for name in ("dim", "candidates", "seed_fraction", "train_fraction", "seed",
                                                           "threads", "backend", "user_model") if getattr(args, name) is not None}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    config = TrainConfig(dataset=args.dataset, **overrides)
+    if args.events is not None and Path(args.out) == SHIPPED_RERANKER:
+        print("error: --events trains a model of your own log: give it an --out path (the default is the shipped "
+              "ML-100K model)", file=sys.stderr)
+        return 2
+    dataset = dataset_from_file(args.events) if args.events is not None else load(args.dataset, args.seed)
+    config = TrainConfig(dataset=dataset.name, **overrides)
     command = "streamrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "streamrec train-reranker"
-    metadata = train_reranker(load(args.dataset, args.seed), args.out, config, command=command, lift=args.lift)
+    metadata = train_reranker(dataset, args.out, config, command=command, lift=args.lift)
     summary = {"model": str(args.out), "version": metadata["version"], "export_check": metadata["export_check"],
                "best_epoch": metadata["training"]["history"]["best_epoch"],
                "valid": metadata["training"]["history"]["best_valid_ndcg"], "lift": metadata.get("lift")}

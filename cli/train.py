@@ -45,12 +45,9 @@ def register(subparsers) -> None:
 
 def _load(args):
     from streamrec.engine.offline import datasets
-    from streamrec.engine.offline.datasets import Dataset
 
     if args.events is not None:
-        interactions = datasets.load_interactions_file(args.events)
-        items = dict.fromkeys(str(i) for i in interactions.item_ids)
-        return Dataset(args.events.stem, interactions, {i: [] for i in items}, {i: {} for i in items})
+        return datasets.dataset_from_file(args.events)
     if (args.dataset or "ml-100k") == "ml-100k":
         return datasets.load_ml100k()
     return datasets.synthetic(seed=args.seed)

@@ -127,13 +127,8 @@ def run_for_store(args) -> int:
 
     if args.out is None:
         raise SystemExit("--store needs --out (the ONNX file to write)")
-    if args.events is not None:
-        interactions = datasets.load_interactions_file(args.events)
-        name = args.events.stem
-        item_ids = list(dict.fromkeys(str(i) for i in interactions.item_ids))
-    else:
-        dataset = datasets.load(args.dataset, args.seed)
-        interactions, name, item_ids = dataset.interactions, dataset.name, list(dataset.item_categories)
+    dataset = datasets.dataset_from_file(args.events) if args.events is not None else datasets.load(args.dataset, args.seed)
+    interactions, name, item_ids = dataset.interactions, dataset.name, list(dataset.item_categories)
     ids, item_vectors = store_item_vectors(args.store, item_ids)
     _say(f"{len(interactions)} events; {len(ids)} of {len(item_ids)} items have a vector in {args.store} "
          f"(dimension {item_vectors.shape[1]})")

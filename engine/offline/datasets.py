@@ -340,6 +340,14 @@ DEFAULT_FILE_TYPE = EventType.CLICK  # a log without a type column: each row is 
 SECONDS_THRESHOLD = 1e11  # all timestamps below this are read as seconds (1e11 ms is 1973, 1e11 s is year 5138)
 
 
+def dataset_from_file(path: str | Path) -> Dataset:
+    """A Dataset of an interaction log file (load_interactions_file): its items, in order of first appearance,
+    are the catalog, with no categories or attributes."""
+    interactions = load_interactions_file(path)
+    items = dict.fromkeys(str(i) for i in interactions.item_ids)
+    return Dataset(Path(path).stem, interactions, {i: [] for i in items}, {i: {} for i in items})
+
+
 def load_interactions_file(path: str | Path) -> Interactions:
     """Read a CSV (.tsv: tab-separated) or Parquet interaction log.
 
