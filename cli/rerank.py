@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train-reranker", help="train the ONNX reranking model from the event log (needs torch: extra 'train')",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
+    p.add_argument("--from-log", type=Path, default=None, metavar="DATA_DIR",
+                   help="train on a deployment's own impression log (served with --impression-features > 0): the "
+                        "impressions with an attributed click; the lift is measured on its held-out last 20%%")
     p.add_argument("--events", type=Path, default=None,
                    help="train on this interaction log (CSV/.tsv/Parquet: user_id, item_id, optional type, value, "
                         "timestamp) instead of --dataset: its impressions are simulated by replaying it")
@@ -56,10 +59,23 @@ def run(args) -> int:
                                                           "threads", "backend", "user_model") if getattr(args, name) is not None}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    if args.events is not None and Path(args.out) == SHIPPED_RERANKER:
-        print("error: --events trains a model of your own log: give it an --out path (the default is the shipped "
-              "ML-100K model)", file=sys.stderr)
+    if (args.events is not None or args.from_log is not None) and Path(args.out) == SHIPPED_RERANKER:
+        print("error: --events and --from-log train a model of your own log: give it an --out path (the default "
+              "is the shipped ML-100K model)", file=sys.stderr)
         return 2
+    if args.from_log is not None:
+        from streamrec.engine.offline.rerank_from_log import train_reranker_from_log
+
+        config = TrainConfig(**overrides)
+        command = "streamrec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        try:
+            metadata = train_reranker_from_log(args.from_log, args.out, config, command=command)
+        except (FileNotFoundError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(json.dumps({"model": str(args.out), "version": metadata["version"],
+                          "impressions": metadata["training"]["impressions"], "lift": metadata["lift"]}, indent=1))
+        return 0
     dataset = dataset_from_file(args.events) if args.events is not None else load(args.dataset, args.seed)
     config = TrainConfig(dataset=dataset.name, **overrides)
     command = "streamrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "streamrec train-reranker"

@@ -55,6 +55,15 @@ def register(subparsers) -> None:
     serve.add_argument("--sequence-update", choices=["read", "event"], default=env("SEQUENCE_UPDATE", "read"),
                        help="when the sequence tower recomputes a user's query: on the first read after their events "
                             "(read) or on the writer for every event (event); same answers, different cost")
+    serve.add_argument("--no-impressions", action="store_true",
+                       help="do not log what is shown (no recommendation_id attribution, no experiments)")
+    serve.add_argument("--impression-features", type=float, default=float(env("IMPRESSION_FEATURES", 0.0)),
+                       help="share of personalised answers whose reranker feature rows are logged with the impression "
+                            "(0..1; what train-reranker --from-log learns from; ~4 KB per answer)")
+    serve.add_argument("--impression-max-records", type=int, default=int(env("IMPRESSION_MAX_RECORDS", 1_000_000)),
+                       help="impressions kept (the oldest go first; also at most 30 days)")
+    serve.add_argument("--attribution-window", type=float, default=float(env("ATTRIBUTION_WINDOW", 86400.0)),
+                       help="seconds after an impression within which an event naming it is attributed")
     serve.add_argument("--checkpoint-interval", type=float, default=float(env("CHECKPOINT_INTERVAL", 30.0)), help="seconds")
     serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
                        help="serve Prometheus metrics on this port (env STREAMREC_METRICS_PORT; off by default)")
@@ -151,7 +160,10 @@ def run(args) -> int:
     engine = EngineConfig(dim=args.dim, backend=args.backend, gpu_storage=args.gpu_storage, checkpoint_interval_s=args.checkpoint_interval, sync=not args.no_sync,
                           reranker_path=serving_model_path(args.reranker, args.dim), rerank_by_default=not args.no_rerank,
                           rerank_candidates=args.rerank_candidates, rerank_provider=args.rerank_provider,
-                          user_model=user_model, sequence_model_path=sequence_path, sequence_update=args.sequence_update)
+                          user_model=user_model, sequence_model_path=sequence_path, sequence_update=args.sequence_update,
+                          impressions=not args.no_impressions, impression_features=args.impression_features,
+                          impression_max_records=args.impression_max_records,
+                          attribution_window_s=args.attribution_window)
     config = ServerConfig(host=args.host, port=args.port, data_dir=args.data_dir, dataset=args.dataset,
                           workers=args.workers, engine=engine,
                           max_concurrent_rpcs=None if args.max_concurrent_rpcs is None else int(args.max_concurrent_rpcs),

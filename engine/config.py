@@ -82,4 +82,7 @@ class EngineConfig:
     impression_max_age_days: float = 30.0
     attribution_window_s: float = 24 * 3600.0
     impression_queue: int = 65_536
+    # Share of personalised answers whose reranker feature rows are logged with the impression (float16, about
+    # 4 KB per answer of 10 at d = 64), computed when answering: what `train-reranker --from-log` learns from.
+    impression_features: float = 0.0
     limits: Limits = field(default_factory=Limits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -83,6 +84,8 @@ class Engine:
         self.observer = observer or EngineObserver()
         if config.user_model not in ("ials", "sequence", "auto"):
             raise ValueError(f"user_model must be ials, sequence or auto, not {config.user_model!r}")
+        if not 0.0 <= config.impression_features <= 1.0:
+            raise ValueError(f"impression_features is a share in [0, 1], not {config.impression_features}")
         if config.sequence_update not in ("read", "event"):
             raise ValueError(f"sequence_update must be read or event, not {config.sequence_update!r}")
         if config.user_model in ("sequence", "auto") and not config.sequence_model_path:
@@ -141,6 +144,7 @@ class Engine:
                             int(config.attribution_window_s * 1000)),
             config.impression_queue, sync=config.sync) if config.impressions else None
         self.experiments = Experiments(self.impressions) if self.impressions is not None else None
+        self._feature_sample = random.Random()  # which answers log their feature rows (impression_features)
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
             self._recommend_batch, config.max_batch, config.max_wait_us, config.recommend_queue_size,
             on_batch=self.observer.recommend_batch)
@@ -357,15 +361,17 @@ class Engine:
     def reranker_info(self) -> dict:
         return self.reranker.info()
 
-    def rerank_features(self, user_id: str, item_ids: list[str], scores: np.ndarray) -> np.ndarray:
-        """The feature rows the second stage would score for this user and these retrieved candidates now.
-        Training builds its examples with it, so what a model learns from is what serving gives it."""
-        if self.config.user_model == "sequence":
+    def rerank_features(self, user_id: str, item_ids: list[str], scores: np.ndarray, user_model: str = "") -> np.ndarray:
+        """The feature rows the second stage would score for this user and these retrieved candidates now, from
+        the query of `user_model` (default: the server's). Training builds its examples with it, so what a
+        model learns from is what serving gives it."""
+        user_model = user_model or self.config.user_model
+        if user_model == "sequence":
             self.retriever.refresh_sequence([user_id])
         with self.lock:
             items, users = self.state.items, self.state.users
             row = users.row_of(user_id)
-            user = capture_user(users, row, users.query_vector(row, self.config.user_model))
+            user = capture_user(users, row, users.query_vector(row, user_model))
             arrays, now_ms = ItemArrays.of(items), state_clock_ms(items)
             rows = np.fromiter((items.rows[i] for i in item_ids), np.int64, len(item_ids))
         return build_features([user], [rows], [np.asarray(scores, np.float32)], arrays, now_ms)
@@ -410,9 +416,13 @@ class Engine:
             for query, result in zip(queries, results):
                 result.recommendation_id = new_recommendation_id()
                 result.experiment, result.arm = query.experiment, query.arm
+                features = None
+                if result.user_model and result.item_ids and self._feature_sample.random() < self.config.impression_features:
+                    retrieval = result.scores if result.retrieval_scores is None else result.retrieval_scores
+                    features = self.rerank_features(result.user_id, result.item_ids, retrieval, result.user_model)
                 self.impressions.record(Impression(
                     result.recommendation_id, result.user_id, list(result.item_ids), result.scores.tolist(), now_ms,
-                    self._model_version, result.user_model, result.reranker, query.experiment, query.arm))
+                    self._model_version, result.user_model, result.reranker, query.experiment, query.arm), features)
         return results
 
     # --- experiments (feedback/experiments.py) ---------------------------------------------------------

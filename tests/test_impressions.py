@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import pytest
 
 from streamrec.clients.client import StreamrecClient, make_event
@@ -141,3 +142,22 @@ def test_grpc_round_trip_and_bad_ids(tmp_path):
             assert client.recommend("u1", k=2).items  # still serving
     finally:
         server.stop()
+
+
+def test_sampled_answers_log_the_reranker_features_they_were_served_with(tmp_path):
+    from streamrec.engine.rerank.features import feature_count
+
+    config = EngineConfig(**{**CONFIG.__dict__, "impression_features": 1.0})
+    with Engine(tmp_path / "lmdb", config) as engine:
+        seed_engine(engine, synthetic(n_users=10, n_items=60, seed=8))
+        answer = engine.recommend([engine.build_query("u1", 6, rerank=False)])[0]
+        expected = engine.rerank_features("u1", answer.item_ids, answer.scores, answer.user_model)
+        cold = engine.recommend([engine.build_query("stranger", 6, rerank=False)])[0]  # popularity: nothing to log
+        engine.impressions.flush()
+        logged = engine.impressions.features(answer.recommendation_id)
+        assert logged.shape == (6, feature_count(16)) and engine.impressions.features(cold.recommendation_id) is None
+        assert np.allclose(logged, expected, rtol=2e-3, atol=2e-3)  # stored as float16
+        engine.forget_user("u1")
+        assert engine.impressions.features(answer.recommendation_id) is None
+    with pytest.raises(ValueError, match="impression_features"):
+        Engine(tmp_path / "other", EngineConfig(**{**CONFIG.__dict__, "impression_features": 1.5}))

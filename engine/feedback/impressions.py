@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from streamrec.engine.api import Event, EventType
 from streamrec.engine.store.lmdb_env import MAX_READERS
@@ -37,7 +38,9 @@ from streamrec.engine.store.lmdb_env import MAX_READERS
 log = logging.getLogger(__name__)
 
 FOLDER = "impressions"
-_DBS = ("impressions", "by_time", "by_user", "totals", "experiments")  # experiments: experiments.py
+# features: the reranker's feature rows of a sampled share of impressions (float16), for training from the log
+_DBS = ("impressions", "by_time", "by_user", "totals", "experiments", "features")  # experiments: experiments.py
+_SHAPE = struct.Struct("<II")
 _TS = struct.Struct(">Q")
 CLOCK_SKEW_MS = 60_000  # an event stamped by the client may read up to this much before the server's impression
 # Per arm: impressions, attributed events, events by type, and impressions with at least one click ("clicked") or
@@ -82,26 +85,36 @@ def _key(recommendation_id: str) -> bytes | None:
 
 class ImpressionLog:
     def __init__(self, folder: str | Path, policy: RetentionPolicy = RetentionPolicy(), queue_size: int = 65_536,
-                 sync: bool = True, map_size: int = 1 << 30):
+                 sync: bool = True, map_size: int = 1 << 30, readonly: bool = False):
+        """readonly: for reading a log another process writes (training from it); no writer thread."""
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not readonly:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.policy = policy
         self.env = lmdb.open(str(self.folder), map_size=map_size, max_dbs=len(_DBS), max_readers=MAX_READERS,
-                             sync=sync, metasync=sync)
+                             sync=sync, metasync=sync, readonly=readonly, create=not readonly)
         self.env.reader_check()
-        self.dbs = {name: self.env.open_db(name.encode(), dupsort=(name == "by_user")) for name in _DBS}
+        self.dbs = {}
+        for name in _DBS:
+            try:
+                self.dbs[name] = self.env.open_db(name.encode(), dupsort=(name == "by_user"), create=not readonly)
+            except lmdb.NotFoundError:  # read-only, and the writer never made it
+                self.dbs[name] = None
+        self.readonly = readonly
         self.counters: Counter = Counter()  # this process: recorded, shed, attributed, unattributed_*, pruned
         self._queue: queue.Queue = queue.Queue(queue_size)
         self._stop = threading.Event()
         self._idle = threading.Condition()
         self._busy = 0
         self._thread = threading.Thread(target=self._run, name="streamrec-impressions", daemon=True)
-        self._thread.start()
+        if not readonly:
+            self._thread.start()
 
     # --- the request path (never blocks) ----------------------------------------------------------
-    def record(self, impression: Impression) -> bool:
-        """Queue an impression; False (and counted) when the queue is full."""
-        return self._offer(("impression", impression))
+    def record(self, impression: Impression, features: np.ndarray | None = None) -> bool:
+        """Queue an impression (with the reranker's feature rows of its items, when sampled); False (and
+        counted) when the queue is full."""
+        return self._offer(("impression", (impression, features)))
 
     def attribute(self, events: list[Event]) -> None:
         """Queue committed events that name a recommendation_id for attribution."""
@@ -126,6 +139,26 @@ class ImpressionLog:
             raw = txn.get(key, db=self.dbs["impressions"])
         return Impression(**json.loads(raw)) if raw is not None else None
 
+    def features(self, recommendation_id: str) -> np.ndarray | None:
+        """The feature rows logged with the impression (float32 [items, features]), or None."""
+        key = _key(recommendation_id)
+        if key is None or self.dbs["features"] is None:
+            return None
+        with self.env.begin() as txn:
+            raw = txn.get(key, db=self.dbs["features"])
+        if raw is None:
+            return None
+        rows, cols = _SHAPE.unpack_from(raw)
+        return np.frombuffer(raw, np.float16, rows * cols, _SHAPE.size).reshape(rows, cols).astype(np.float32)
+
+    def iter_impressions(self):
+        """Every impression kept, oldest first."""
+        with self.env.begin() as txn:
+            for time_key in txn.cursor(db=self.dbs["by_time"]).iternext(values=False):
+                raw = txn.get(time_key[8:], db=self.dbs["impressions"])
+                if raw is not None:
+                    yield Impression(**json.loads(raw))
+
     def user_impressions(self, user_id: str) -> list[Impression]:
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self.dbs["by_user"])
@@ -144,6 +177,7 @@ class ImpressionLog:
                 if raw is not None:
                     txn.delete(_TS.pack(json.loads(raw)["shown_ms"]) + key, db=self.dbs["by_time"])
                     txn.delete(key, db=self.dbs["impressions"])
+                    txn.delete(key, db=self.dbs["features"])
             txn.delete(user_id.encode(), db=self.dbs["by_user"])
         return len(keys)
 
@@ -164,9 +198,10 @@ class ImpressionLog:
                 self._idle.wait(0.01)
 
     def close(self) -> None:
-        self.flush()
-        self._stop.set()
-        self._thread.join(5)
+        if not self.readonly:
+            self.flush()
+            self._stop.set()
+            self._thread.join(5)
         self.env.close()
 
     # --- the writer thread ------------------------------------------------------------------------------
@@ -205,13 +240,15 @@ class ImpressionLog:
         with self.env.begin(write=True) as txn:
             for kind, payload in batch:
                 if kind == "impression":
-                    self._put(txn, payload)
+                    self._put(txn, *payload)
                 else:
                     for event in payload:
                         self._attribute(txn, event)
 
-    def _put(self, txn, impression: Impression) -> None:
+    def _put(self, txn, impression: Impression, features: np.ndarray | None) -> None:
         key = _key(impression.recommendation_id)
+        if features is not None:
+            txn.put(key, _SHAPE.pack(*features.shape) + np.asarray(features, np.float16).tobytes(), db=self.dbs["features"])
         txn.put(key, json.dumps(asdict(impression), separators=(",", ":")).encode(), db=self.dbs["impressions"])
         txn.put(_TS.pack(impression.shown_ms) + key, b"", db=self.dbs["by_time"])
         txn.put(impression.user_id.encode(), key, db=self.dbs["by_user"])
@@ -269,6 +306,7 @@ class ImpressionLog:
                 if raw is not None:
                     txn.delete(json.loads(raw)["user_id"].encode(), key, db=self.dbs["by_user"])
                     txn.delete(key, db=self.dbs["impressions"])
+                    txn.delete(key, db=self.dbs["features"])
                 txn.delete(time_key, db=self.dbs["by_time"])
         self.counters["pruned"] += len(doomed)
         return len(doomed)

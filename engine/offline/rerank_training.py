@@ -449,9 +449,22 @@ def check_onnx_matches_torch(model, path: Path, width: int, seed: int = 0, sizes
 def train_reranker(dataset: Dataset, out: Path, cfg: TrainConfig, command: str = "", lift: bool = True) -> dict:
     """Impressions -> training -> export + checks -> serving validation -> (lift on the test part) -> sidecar."""
     started = time.perf_counter()
-    out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         impressions = collect_impressions(dataset, cfg, Path(tmp))
+    metadata = train_and_export(impressions, Path(out), cfg, dataset.name, command)
+    side = sidecar_path(out)
+    if lift:
+        metadata["lift"] = measure_lift(dataset, out, cfg.train_fraction, cfg.candidates, 10, cfg.dim, cfg.seed, cfg.backend,
+                                        user_model=cfg.user_model)
+        side.write_text(json.dumps(metadata, indent=1) + "\n")
+    metadata["seconds"] = round(time.perf_counter() - started, 1)
+    side.write_text(json.dumps(metadata, indent=1) + "\n")
+    return metadata
+
+
+def train_and_export(impressions: Impressions, out: Path, cfg: TrainConfig, dataset_name: str, command: str) -> dict:
+    """Train on the impressions, export to `out` (checked against torch and by the serving validator) and write
+    the sidecar; returns its metadata."""
     if len(impressions.train_lists) == 0 or not impressions.valid_lists:
         raise RuntimeError(f"no impressions to train on: {impressions.stats}")
     model, history = train_model(impressions, cfg)
@@ -463,7 +476,7 @@ def train_reranker(dataset: Dataset, out: Path, cfg: TrainConfig, command: str =
     metadata = {
         "format": "streamrec-reranker", "feature_spec": FEATURE_SPEC, "dim": cfg.dim, "features": width,
         "feature_names": feature_names(cfg.dim), "input": "features", "output": "score",
-        "version": f"{dataset.name}-dcn-{digest[:10]}", "sha256": digest, "dataset": dataset.name,
+        "version": f"{dataset_name}-dcn-{digest[:10]}", "sha256": digest, "dataset": dataset_name,
         "user_model": cfg.user_model,  # the retrieval it reorders: serving reranks that model's answers by default
         "model": {"kind": "DCN-v2 (low-rank cross) + MLP", "cross_layers": cfg.cross_layers, "cross_rank": cfg.cross_rank,
                   "hidden": list(cfg.hidden), "loss": "listwise softmax cross-entropy"},
@@ -472,12 +485,5 @@ def train_reranker(dataset: Dataset, out: Path, cfg: TrainConfig, command: str =
         "export_check": export,
     }
     staging.replace(out)
-    side = sidecar_path(out)
-    side.write_text(json.dumps(metadata, indent=1) + "\n")
-    if lift:
-        metadata["lift"] = measure_lift(dataset, out, cfg.train_fraction, cfg.candidates, 10, cfg.dim, cfg.seed, cfg.backend,
-                                        user_model=cfg.user_model)
-        side.write_text(json.dumps(metadata, indent=1) + "\n")
-    metadata["seconds"] = round(time.perf_counter() - started, 1)
-    side.write_text(json.dumps(metadata, indent=1) + "\n")
+    sidecar_path(out).write_text(json.dumps(metadata, indent=1) + "\n")
     return metadata
