@@ -99,3 +99,36 @@ def test_node_client_session_stamps_min_seq_on_reads(node_client_dir, server):
     assert int(out["sent"][1]) > int(out["appliedSeq"]) and out["ahead"] == grpc.StatusCode.OUT_OF_RANGE.value[0], out
 
     assert out["eventual"]["sent"] == ["0", "0"] and out["eventual"]["ahead"] == "OK", out
+
+
+ATTRIBUTION_SCRIPT = """
+import { connect, makeEvent } from './client.js';
+const [address, user, item] = process.argv.slice(1);
+const client = connect(address, { deadlineMs: 5000 });
+try {
+  await client.sendEvents([makeEvent(user, item, 'purchase')]);
+  const answer = await client.recommend(user, 5, { explain: true, mmrLambda: 0.2 });
+  const clicked = answer.items[0].item_id;
+  const ack = await client.sendEvents([makeEvent(user, clicked, 'click', { recommendationId: answer.recommendation_id })]);
+  console.log(JSON.stringify({ id: answer.recommendation_id, clicked, accepted: ack.accepted,
+                               because: answer.items[0].because.length }));
+} finally {
+  client.close();
+}
+"""
+
+
+def test_node_client_attributes_a_click_to_its_answer(node_client_dir, server):
+    import time
+
+    user = f"node-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", ATTRIBUTION_SCRIPT, server.address,
+                             user, "i3"], cwd=node_client_dir, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["id"]) == 32 and out["accepted"] == 1 and out["because"] >= 1
+    with StreamrecClient(server.address, timeout_s=20.0) as client:
+        deadline = time.monotonic() + 5
+        while client.stats().impressions.attributed < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.stats().impressions.attributed >= 1

@@ -26,11 +26,14 @@ export function eventType(nameOrNumber) {
   return name.startsWith('EVENT_TYPE_') ? name : `EVENT_TYPE_${name}`;
 }
 
-/** An Event message; event_id defaults to a fresh UUID (the server's idempotency key). */
-export function makeEvent(userId, itemId, type = 'view', { value = 0, timestampMs = 0, eventId } = {}) {
+/**
+ * An Event message; event_id defaults to a fresh UUID (the server's idempotency key). recommendationId: the
+ * answer the event responds to (a response's recommendation_id), so the server attributes the outcome to it.
+ */
+export function makeEvent(userId, itemId, type = 'view', { value = 0, timestampMs = 0, eventId, recommendationId = '' } = {}) {
   return {
     event_id: eventId ?? randomUUID(), user_id: userId, item_id: itemId, type: eventType(type),
-    value, timestamp_ms: String(timestampMs),
+    value, timestamp_ms: String(timestampMs), recommendation_id: recommendationId,
   };
 }
 
@@ -168,14 +171,18 @@ export class StreamrecClient {
 
   /**
    * Recommend `k` items for a user. filters: {excludeSeen, excludeItemIds, includeCategories,
-   * excludeCategories, requestId}. Unset k / excludeSeen use the server defaults (10 / true).
-   * minSeq (every read takes it) overrides the session's seq for this call.
+   * excludeCategories, requestId}; options: userModel ('ials' | 'sequence'), mmrLambda and maxPerCategory
+   * (diversity), explain. Unset k / excludeSeen use the server defaults (10 / true).
+   * minSeq (every read takes it) overrides the session's seq for this call. The response's
+   * recommendation_id goes back on the events it leads to (makeEvent's recommendationId).
    */
   recommend(userId, k, { excludeSeen, excludeItemIds = [], includeCategories = [], excludeCategories = [],
-    requestId = '', minSeq, deadlineMs } = {}) {
+    requestId = '', userModel = '', mmrLambda = 0, maxPerCategory = 0, explain = false, minSeq, deadlineMs } = {}) {
     const request = {
       request_id: requestId, user_id: userId, exclude_item_ids: excludeItemIds,
       include_categories: includeCategories, exclude_categories: excludeCategories, ...this._token(minSeq),
+      user_model: userModel ? `USER_MODEL_${userModel.toUpperCase()}` : 'USER_MODEL_DEFAULT',
+      diversity: { mmr_lambda: mmrLambda, max_per_category: maxPerCategory }, explain,
     };
     if (k !== undefined && k !== null) request.k = k;
     if (excludeSeen !== undefined && excludeSeen !== null) request.exclude_seen = excludeSeen;
