@@ -121,6 +121,11 @@ class Engine:
         self.sequence_item_cosine: float | None = None  # the model's probe items against this catalog
         self.started_at = time.time()
         self.counters = {"events_accepted": 0, "events_rejected": 0, "events_duplicate": 0, "recommendations": 0}
+        self.impressions = ImpressionLog(
+            self.data_dir / IMPRESSIONS_FOLDER,
+            RetentionPolicy(config.impression_max_records, int(config.impression_max_age_days * 86_400_000),
+                            int(config.attribution_window_s * 1000)),
+            config.impression_queue, sync=config.sync) if config.impressions else None
         self.checkpointer: Checkpointer | None = None
         self.writer: GroupCommitWriter | None = None
         self.follower: LogFollower | None = None
@@ -138,11 +143,6 @@ class Engine:
         else:
             self._start_writing(config)
             self.feed = LogFeed(self.store, self.state, self.checkpoint, self.lock)
-        self.impressions = ImpressionLog(
-            self.data_dir / IMPRESSIONS_FOLDER,
-            RetentionPolicy(config.impression_max_records, int(config.impression_max_age_days * 86_400_000),
-                            int(config.attribution_window_s * 1000)),
-            config.impression_queue, sync=config.sync) if config.impressions else None
         self.experiments = Experiments(self.impressions) if self.impressions is not None else None
         self._feature_sample = random.Random()  # which answers log their feature rows (impression_features)
         self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
@@ -150,6 +150,8 @@ class Engine:
             on_batch=self.observer.recommend_batch)
 
     def _follow(self) -> None:
+        if self.impressions is not None:
+            self.follower.on_users_gone = self._forget_impressions
         self.recovered_records = self.follower.load()
         self._check_sequence_model_or_close()
         self._model_version = (self.store.get_meta(MODEL_VERSION_KEY) or b"none").decode()
@@ -191,18 +193,24 @@ class Engine:
                 lambda item_id: items.vectors[items.rows[item_id]] if item_id in items.rows else None)
         except SequenceModelRejected as error:
             if self.config.user_model != "auto":
-                self.store.close()
+                self._abandon()
                 raise
             log.info("user model auto: serving ials (%s)", error)
             self._resolve_user_model(replace(self.config, user_model="ials", sequence_model_path=None))
             return
         except Exception:
-            self.store.close()
+            self._abandon()
             raise
         if self.config.user_model == "auto":
             self._resolve_user_model(replace(self.config, user_model="sequence"))
         log.info("sequence model %s: item space matches this catalog (probe mean cosine %.3f)", tower.version,
                  self.sequence_item_cosine)
+
+    def _abandon(self) -> None:
+        """A start that fails after opening the store: release what is open."""
+        if self.impressions is not None:
+            self.impressions.close()
+        self.store.close()
 
     def _resolve_user_model(self, config: EngineConfig) -> None:
         """Settle user_model "auto": every holder of the config sees the choice (a replica's reloads too)."""
@@ -407,6 +415,12 @@ class Engine:
         `deadline` (time.monotonic()) drops them if they would start too late."""
         futures = [self.recommend_async(q, deadline) for q in queries]
         return [f.result() for f in futures]
+
+    def _forget_impressions(self, user_ids: set[str]) -> None:
+        """A replica's reload dropped these users (a ForgetUser on the primary): erase what this process's
+        impression log holds of them (on one machine the primary already has; a replica elsewhere has its own)."""
+        for user_id in user_ids:
+            self.impressions.forget(user_id)
 
     def _recommend_batch(self, queries: list[RecommendQuery]) -> list[Recommendation]:
         """The micro-batcher's call: the answers, each with its recommendation_id and its impression queued."""

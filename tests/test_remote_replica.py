@@ -77,7 +77,9 @@ def test_a_remote_replica_copies_follows_forgets_and_resumes_from_its_copy(prima
             assert remote.client.get_user("while-away").event_count == 1
             assert remote.snapshots_logged() == 1
 
-            # Forgotten through the remote (the write is forwarded): gone from its state and from its copy.
+            # Forgotten through the remote (the write is forwarded): gone from its state, its copy and the
+            # impression log it keeps of its own answers.
+            remote.client.recommend("before", k=3)
             forgotten = remote.client.forget_user("before")
             assert forgotten.events_erased == 5
             remote.client.session.saw(forgotten.durable_seq)
@@ -90,6 +92,14 @@ def test_a_remote_replica_copies_follows_forgets_and_resumes_from_its_copy(prima
         assert not any(b"before" in payload for _, payload in copy.iter_log())
         assert all(user.user_id != "before" for user in copy.load_users())
         assert copy.log_id == primary.engine.store.log_id
+    from streamrec.engine.feedback.impressions import ImpressionLog
+
+    log = ImpressionLog(tmp_path / "remote" / "lmdb" / "impressions", readonly=True)
+    try:
+        users = {impression.user_id for impression in log.iter_impressions()}
+        assert "before" not in users and "remote-7" in users  # the others' answers stay
+    finally:
+        log.close()
 
 
 def test_a_copy_of_another_log_is_refused_and_replaced(primary, tmp_path):

@@ -49,6 +49,9 @@ class LogFollower:
         self.checkpoints = False  # this replica writes no checkpoints of its own (the primary does, in the store)
         self._log_id: str | None = None
         self.reloads = 0  # state reloads from a checkpoint (erasures seen)
+        # Called with the users a reload no longer holds (forgotten: the marker names no one, the state does),
+        # so what this process keeps of them elsewhere (its impression log) goes too.
+        self.on_users_gone: Callable[[set[str]], None] | None = None
         self.applied_records = 0
         self.last_apply_wall = time.time()
         self._stop = threading.Event()
@@ -160,7 +163,10 @@ class LogFollower:
         for row in range(len(fresh.items)):  # a device-resident copy of the catalog must be rebuilt whole
             fresh.items.device_changes.add(row)
         with self.lock:
+            gone = set(self.state.users.rows) - set(fresh.users.rows)
             self.state.adopt(fresh)
+        if gone and self.on_users_gone is not None:
+            self.on_users_gone(gone)
         if swaps:
             self._swap_reranker(swaps[-1])
         self.reloads += 1
