@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import fields, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from streamrec.engine.api import (
 )
 from streamrec.engine.config import EngineConfig
 from streamrec.engine.cpu.online import warmup as warm_update_kernel
-from streamrec.engine.feedback.experiments import Experiments, assign, check_experiment
+from streamrec.engine.feedback.experiments import Experiments, check_experiment, options_checker
 from streamrec.engine.feedback.impressions import FOLDER as IMPRESSIONS_FOLDER
 from streamrec.engine.feedback.impressions import Impression, ImpressionLog, RetentionPolicy, new_recommendation_id
 from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
@@ -66,7 +66,6 @@ from streamrec.engine.write.recovery import recover
 from streamrec.engine.write.writer import GroupCommitWriter, OpKind
 
 log = logging.getLogger(__name__)
-_QUERY_DEFAULTS = {f.name: f.default for f in fields(RecommendQuery)}  # what a request leaves unset
 
 _DIM_KEY = "dim"
 
@@ -417,8 +416,7 @@ class Engine:
         return [f.result() for f in futures]
 
     def _forget_impressions(self, user_ids: set[str]) -> None:
-        """A replica's reload dropped these users (a ForgetUser on the primary): erase what this process's
-        impression log holds of them (on one machine the primary already has; a replica elsewhere has its own)."""
+        """A replica's reload dropped these users (ForgetUser): erase them from this process's impression log."""
         for user_id in user_ids:
             self.impressions.forget(user_id)
 
@@ -445,19 +443,11 @@ class Engine:
             raise FailedPrecondition("", "experiments need the impression log (EngineConfig.impressions)")
         return self.experiments
 
-    def _check_arm_options(self, options: dict) -> None:
-        if options.get("user_model") == "sequence" and self.state.sequence is None:
-            raise FailedPrecondition("user_model", "this server has no sequence model")
-        try:
-            self.build_query("arm", None, **options)
-        except TypeError as error:
-            raise InvalidArgument("options", f"not an option of this server: {error}") from None
-
     def create_experiment(self, name: str, arms: list[Arm], description: str = "") -> Experiment:
         """Start an A/B experiment (one runs at a time; a name is never reused). INVALID_ARGUMENT names the
         field at fault."""
         experiment = Experiment(name, arms, description)
-        check_experiment(experiment, self._check_arm_options)
+        check_experiment(experiment, options_checker(self.build_query, self.state.sequence is not None))
         return self._experiments_check().create(experiment)
 
     def stop_experiment(self, name: str) -> Experiment:
@@ -471,24 +461,12 @@ class Engine:
         Wilson 95% intervals."""
         return self._experiments_check().report(name)
 
-    def _assign_arm(self, query: RecommendQuery) -> None:
-        """The running experiment's arm fills the options the request left unset."""
-        experiment = self.experiments.running() if self.experiments is not None else None
-        if experiment is None or not query.user_id:
-            return
-        arm = assign(experiment, query.user_id)
-        for option, value in arm.options.items():
-            if getattr(query, option, None) == _QUERY_DEFAULTS.get(option):
-                setattr(query, option, value)
-        query.experiment, query.arm = experiment.name, arm.name
-
     def impressions_info(self) -> dict:
-        if self.impressions is None:
-            return {"enabled": False}
-        return {"enabled": True, **self.impressions.info(), "arms": self.impressions.totals()}
+        return self.impressions.info() if self.impressions is not None else {"enabled": False}
 
     def recommend_async(self, query: RecommendQuery, deadline: float | None = None) -> Future:
-        self._assign_arm(query)
+        if self.experiments is not None:
+            self.experiments.apply(query)
         if query.user_model == "sequence" and self.state.sequence is None:
             raise FailedPrecondition("user_model", "this server has no sequence model (serve --user-model sequence "
                                                    "or --sequence-model PATH)")

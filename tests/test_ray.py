@@ -127,12 +127,15 @@ def test_a_replica_added_later_converges_bit_for_bit(primary, ingress, tmp_path_
     # replacement that starts while its rank's old replica still holds that copy takes a snapshot of its own.
     assert primary.engine.stats().snapshots_served >= 3
     answers = {recommend(stub, "late", ack.durable_seq).SerializeToString(deterministic=True) for _ in range(40)}
-    # Every replica answers the same bytes (items, scores bit for bit, applied seq) except the latency and the
-    # embedding version, a count of this process's own applies (a replica from a snapshot counts fewer).
+    # Every replica answers the same bytes (items, scores bit for bit, applied seq) except the latency, the
+    # embedding version, a count of this process's own applies (a replica from a snapshot counts fewer), and the
+    # recommendation_id, which is every answer's own.
     stripped = set()
     for raw in answers:
         response = recommend_pb2.RecommendResponse.FromString(raw)
+        assert len(response.recommendation_id) == 32
         response.server_latency_us = 0
         response.served_by.embedding_version = 0
+        response.recommendation_id = ""
         stripped.add(response.SerializeToString(deterministic=True))
     assert len(stripped) == 1

@@ -20,15 +20,16 @@ import math
 import re
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
-from streamrec.engine.api import ARM_OPTIONS, Arm, Experiment
+from streamrec.engine.api import ARM_OPTIONS, Arm, Experiment, RecommendQuery
 from streamrec.engine.errors import FailedPrecondition, InvalidArgument, NotFound
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 MAX_ARMS = 16
 REFRESH_S = 1.0
 _Z95 = 1.959963984540054
+_QUERY_DEFAULTS = {f.name: f.default for f in fields(RecommendQuery)}  # what a request leaves unset
 
 
 class AlreadyExists(FailedPrecondition):
@@ -74,6 +75,18 @@ def check_experiment(experiment: Experiment, check_options) -> None:
             check_options(arm.options)
         except (InvalidArgument, FailedPrecondition) as error:
             raise type(error)(f"arms[{i}].{error.field}" if error.field else f"arms[{i}]", error.message) from None
+
+
+def options_checker(build_query, has_sequence_model: bool):
+    """check_experiment's `check_options` for an engine: an arm's options must make a valid request there."""
+    def check(options: dict) -> None:
+        if options.get("user_model") == "sequence" and not has_sequence_model:
+            raise FailedPrecondition("user_model", "this server has no sequence model")
+        try:
+            build_query("arm", None, **options)
+        except TypeError as error:
+            raise InvalidArgument("options", f"not an option of this server: {error}") from None
+    return check
 
 
 def wilson(successes: int, trials: int) -> tuple[float, float, float]:
@@ -154,6 +167,17 @@ class Experiments:
                     self._running = next((e for e in self.list() if e.running), None)
                     self._read_at = now
         return self._running
+
+    def apply(self, query: RecommendQuery) -> None:
+        """The running experiment's arm for the query's user fills the options the request left unset."""
+        experiment = self.running()
+        if experiment is None or not query.user_id:
+            return
+        arm = assign(experiment, query.user_id)
+        for option, value in arm.options.items():
+            if getattr(query, option, None) == _QUERY_DEFAULTS.get(option):
+                setattr(query, option, value)
+        query.experiment, query.arm = experiment.name, arm.name
 
     def report(self, name: str) -> dict:
         """The experiment and its arms' live outcomes."""

@@ -312,6 +312,7 @@ class ImpressionLog:
         return len(doomed)
 
     def info(self) -> dict:
-        return {"stored": self.size(), "queued": self._queue.qsize(), **dict(self.counters),
+        """What Stats.impressions reports: sizes, this process's counters, the policy and the arms' totals."""
+        return {"enabled": True, "arms": self.totals(), "stored": self.size(), "queued": self._queue.qsize(), **dict(self.counters),
                 "max_records": self.policy.max_records, "max_age_ms": self.policy.max_age_ms,
                 "attribution_window_ms": self.policy.attribution_window_ms}
