@@ -27,7 +27,16 @@ from streamrec.clients.channel import auth_metadata, channel_credentials, channe
 from streamrec.clients.client import StreamrecClient, StreamResult
 from streamrec.clients.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy, _backoff_or_raise, _remaining
 from streamrec.clients.session import Session
-from streamrec.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, events_pb2_grpc, recommend_pb2, recommend_pb2_grpc
+from streamrec.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    experiments_pb2,
+    experiments_pb2_grpc,
+    recommend_pb2,
+    recommend_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -280,6 +289,7 @@ class AsyncStreamrecClient:
         self.events = events_pb2_grpc.EventServiceStub(self.channel)
         self.recommender = recommend_pb2_grpc.RecommendServiceStub(self.channel)
         self.catalog = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+        self.experiments = experiments_pb2_grpc.ExperimentServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:
@@ -407,3 +417,22 @@ class AsyncStreamrecClient:
                             retry: bool | None = None) -> catalog_pb2.RerankerInfo:
         request = catalog_pb2.LoadRerankerRequest(path=path, unload=unload)
         return await self._unary(self.catalog.LoadReranker, request, timeout_s, True, retry)
+
+    # --- experiments (admin; StreamrecClient's, awaited) ------------------------------------------------
+    async def create_experiment(self, name: str, arms, description: str = "",
+                                timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        request = StreamrecClient.experiment_request(name, arms, description)
+        return await self._unary(self.experiments.CreateExperiment, request, timeout_s, False, False)
+
+    async def stop_experiment(self, name: str, timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        return await self._unary(self.experiments.StopExperiment, experiments_pb2.StopExperimentRequest(name=name),
+                                 timeout_s, True, None)
+
+    async def get_experiment(self, name: str, timeout_s: float | None = None) -> experiments_pb2.Experiment:
+        return await self._unary(self.experiments.GetExperiment, experiments_pb2.GetExperimentRequest(name=name),
+                                 timeout_s, True, None)
+
+    async def list_experiments(self, timeout_s: float | None = None) -> list[experiments_pb2.Experiment]:
+        response = await self._unary(self.experiments.ListExperiments, experiments_pb2.ListExperimentsRequest(),
+                                     timeout_s, True, None)
+        return list(response.experiments)

@@ -438,11 +438,16 @@ class StreamrecClient:
                           timeout_s: float | None = None) -> experiments_pb2.Experiment:
         """arms: (name, weight, options), options being recommend_request keyword arguments the arm sets,
         e.g. {"rerank": False} or {"user_model": "sequence"}."""
-        experiment = experiments_pb2.Experiment(name=name, description=description, arms=[
-            experiments_pb2.ExperimentArm(name=arm, weight=weight, options=self.recommend_request("", **options))
-            for arm, weight, options in arms])
-        request = experiments_pb2.CreateExperimentRequest(experiment=experiment)
+        request = self.experiment_request(name, arms, description)
         return self._unary(self.experiments.CreateExperiment, request, timeout_s, False, False)
+
+    @classmethod
+    def experiment_request(cls, name: str, arms: Sequence[tuple[str, float, dict]],
+                           description: str = "") -> experiments_pb2.CreateExperimentRequest:
+        return experiments_pb2.CreateExperimentRequest(experiment=experiments_pb2.Experiment(
+            name=name, description=description, arms=[
+                experiments_pb2.ExperimentArm(name=arm, weight=weight, options=cls.recommend_request("", **options))
+                for arm, weight, options in arms]))
 
     def stop_experiment(self, name: str, timeout_s: float | None = None) -> experiments_pb2.Experiment:
         return self._unary(self.experiments.StopExperiment, experiments_pb2.StopExperimentRequest(name=name),

@@ -212,3 +212,28 @@ def test_cli_create_report_plot_stop(tmp_path, capsys):
         assert "FAILED_PRECONDITION" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+def test_asyncio_client_runs_an_experiment(tmp_path):
+    import asyncio
+
+    from streamrec.clients.aio import AsyncStreamrecClient
+
+    with Engine(tmp_path / "data" / "lmdb", CONFIG) as engine:
+        seed_engine(engine, synthetic(n_users=10, n_items=40, seed=9))
+    server = StreamrecServer(ServerConfig(port=0, data_dir=tmp_path / "data", dataset="none", engine=CONFIG))
+    server.start()
+
+    async def run():
+        async with AsyncStreamrecClient(f"127.0.0.1:{server.port}") as client:
+            created = await client.create_experiment("aio", [("a", 1.0, {}), ("b", 1.0, {"rerank": False})])
+            answer = await client.recommend("u1", k=3)
+            stopped = await client.stop_experiment("aio")
+            return created, answer, stopped, await client.list_experiments(), await client.get_experiment("aio")
+
+    try:
+        created, answer, stopped, listed, got = asyncio.run(run())
+        assert created.running and answer.experiment == "aio" and not stopped.running
+        assert [e.name for e in listed] == ["aio"] and {r.arm for r in got.results} == {"a", "b"}
+    finally:
+        server.stop()
