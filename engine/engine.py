@@ -101,7 +101,7 @@ class Engine:
             if config.user_model != "auto":
                 self.store.close()
                 raise
-            log.warning("user model auto: the sequence model is not usable (%s); serving ials", error)
+            log.info("user model auto: the sequence model does not fit this store (%s); serving ials", error)
             self.config = config = replace(config, user_model="ials", sequence_model_path=None)
             self.state = State(config)
         except Exception:
