@@ -3,9 +3,6 @@
 CI covers the path its own CPU would not pick."""
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
@@ -86,23 +83,16 @@ def test_tune_measures_and_fills_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert got in (8, 32, dispatch.NEVER)
     calls = []
     monkeypatch.setattr(dispatch, "tune", lambda d, k: calls.append((d, k)) or 32)
-    assert dispatch.crossover(16, 50, wait=True) == 32 and dispatch.crossover(16, 60) == 32  # one per (d, k class)
+    assert dispatch.crossover(16, 50, measure=True) == 32 and dispatch.crossover(16, 60) == 32  # one per k class
     assert calls == [(16, 100)] and dispatch.table() == {(16, 1): 32}
 
 
-def test_unmeasured_shape_runs_fused_while_measured_in_background(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unmeasured_shape_runs_fused_without_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STREAMREC_TOPK_BLAS_MIN_BATCH", raising=False)
     monkeypatch.setattr(dispatch, "_table", {})
-    gate = threading.Event()
-    monkeypatch.setattr(dispatch, "tune", lambda d, k: gate.wait(10) and 8)
-    assert dispatch.crossover(40, 10) == dispatch.NEVER  # not measured yet: fused, no waiting
+    monkeypatch.setattr(dispatch, "tune", lambda d, k: pytest.fail("measured on the request path"))
     assert dispatch.crossover(40, 10) == dispatch.NEVER and dispatch.table() == {}
-    gate.set()
-    for _ in range(200):
-        if dispatch.table():
-            break
-        time.sleep(0.01)
-    assert dispatch.table() == {(40, 0): 8} and dispatch.crossover(40, 10) == 8
+    assert not dispatch.blas_wins(1 << 10, 40, 10, 1 << 20)
 
 
 @pytest.mark.parametrize("crossover", [0, dispatch.NEVER])

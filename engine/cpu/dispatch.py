@@ -2,13 +2,12 @@
 in topk.py) or the BLAS path (numpy's sgemm into a cache-sized score block, then the selection scan).
 
 The answer depends on the host (vector width, the BLAS numpy links, cache sizes, cores), so it is measured,
-not fixed: the first search that could go either way tunes its (d, k class) once per process on a synthetic
-catalog, timing both paths at growing batch sizes, and records the smallest batch from which BLAS wins at
-that batch and every larger one measured (faiss's distance_compute_blas_threshold, found rather than set).
-Until a (d, k class) is measured its searches run fused and the measurement runs in a background thread, so
-no request waits for it; NumbaTopK.tune(d, k) measures at start-up instead. The table can be read (table()),
-set (set_crossover(), e.g. from a file written on the serving host), or fixed for the process with
-STREAMREC_TOPK_BLAS_MIN_BATCH (an int; 0: always BLAS, a huge one: never).
+not fixed: NumbaTopK.tune(d, k) (at start-up; benchmarks/topk.py calls it before timing) times both paths
+on a synthetic catalog at growing batch sizes and records, per (d, k class), the smallest batch from which
+BLAS wins at that batch and every larger one measured (faiss's distance_compute_blas_threshold, found
+rather than set). A shape with no figure runs fused. The table can be read (table()), set (set_crossover(),
+e.g. from figures measured on the serving host), or fixed for the process with STREAMREC_TOPK_BLAS_MIN_BATCH
+(an int; 0: always BLAS, a huge one: never).
 """
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ _K_CLASSES = (32, 256)  # k <= 32, k <= 256, larger: selection cost differs betw
 _ENV = "STREAMREC_TOPK_BLAS_MIN_BATCH"
 
 _table: dict[tuple[int, int], int] = {}
-_pending: set[tuple[int, int]] = set()  # keys being measured in a background thread
 _lock = threading.Lock()
 
 
@@ -59,40 +57,24 @@ def set_crossover(d: int, kc: int, min_batch: int) -> None:
         _table[(int(d), int(kc))] = int(min_batch)
 
 
-def crossover(d: int, k: int, wait: bool = False) -> int:
+def crossover(d: int, k: int, measure: bool = False) -> int:
     """Smallest batch from which searches of dimension d for the top k take the BLAS path.
 
-    Measured once per (d, k class). A search that finds it unmeasured does not wait for that (it would stall a
-    served request): it starts the measurement in a background thread and runs fused meanwhile. wait=True
-    measures now (start-up, benchmarks)."""
+    measure=True measures it now if the table has no figure for (d, k class) yet (start-up: NumbaTopK.tune).
+    Otherwise an unmeasured shape runs fused: measuring takes a second or two of both cores, which a serving
+    process must not spend in the middle of its requests (a background measurement tripled the served latency
+    of a batch of 8 on a 2-core host while it ran)."""
     env = os.environ.get(_ENV)
     if env:
         return int(env)
     key = (int(d), k_class(k))
     with _lock:
         got = _table.get(key)
-        start = got is None and key not in _pending and not wait
-        if start:
-            _pending.add(key)
-    if got is not None:
-        return got
-    if not wait:
-        if start:
-            threading.Thread(target=_tune_into_table, args=key, name="topk-dispatch-tune", daemon=True).start()
-        return NEVER
-    _tune_into_table(*key)
+    if got is not None or not measure:
+        return NEVER if got is None else got
+    got = tune(d, _k_of_class(key[1]))
     with _lock:
-        return _table[key]
-
-
-def _tune_into_table(d: int, kc: int) -> None:
-    try:
-        got = tune(d, _k_of_class(kc))
-    except Exception:  # measuring is best effort: without a figure the fused kernels serve
-        got = NEVER
-    with _lock:
-        _table.setdefault((d, kc), got)
-        _pending.discard((d, kc))
+        return _table.setdefault(key, got)
 
 
 def blas_wins(b: int, d: int, k: int, n: int) -> bool:

@@ -1,8 +1,9 @@
 """Numba CPU backend for exact top-k with filters: the same contract and results as `topk.NumpyTopK`.
 This file holds the kernels and their driver, NumbaTopK; the register tiles they call are in tiles.py.
 
-Scoring: one fused pass over the items, parallel over item parts (handed out dynamically), with register
-tiles written as LLVM vector IR (tiles.py; no loop form got LLVM to emit them):
+Scoring: one fused pass over the items, parallel over item parts (handed out dynamically) or, for a block
+of >= 2 * threads * group_min_width queries, over groups of queries (each query then has one gate over all
+rows), with register tiles written as LLVM vector IR (tiles.py; no loop form got LLVM to emit them):
 
 * B < bcast_min_batch (5): "sum" tiles, dot products along d then one shuffle/add tree for 8 horizontal
   sums; 8 rows x 1 query for a lone query, so B = 1 stays memory-bound (items read exactly once).
@@ -515,9 +516,10 @@ class NumbaTopK(HostBackend):
 
     @staticmethod
     def tune(d: int, k: int) -> int:
-        """Measure now (not in the background on first use) which path wins for dimension d and the top k;
-        -> the smallest batch that takes the BLAS path (dispatch.NEVER: none)."""
-        return crossover(d, k, wait=True)
+        """Measure which path wins for dimension d and the top k (once per process and (d, k class); call at
+        start-up); -> the smallest batch that takes the BLAS path (dispatch.NEVER: none). Unmeasured shapes
+        run fused."""
+        return crossover(d, k, measure=True)
 
     def uses_blas(self, b: int, d: int, k: int, n: int) -> bool:
         """Whether a search of b queries of dimension d for the top k of n rows takes the BLAS path."""
