@@ -6,7 +6,8 @@ of >= 2 * threads * group_min_width queries, over groups of queries (each query 
 rows), with register tiles written as LLVM vector IR (tiles.py; no loop form got LLVM to emit them):
 
 * B < bcast_min_batch (5): "sum" tiles, dot products along d then one shuffle/add tree for 8 horizontal
-  sums; 8 rows x 1 query for a lone query, so B = 1 stays memory-bound (items read exactly once).
+  sums (4 rows x 2 queries, 8 x 1 for an odd last query); a lone query goes row by row instead, each dot
+  vectorised along d, which streams the matrix in order and stays memory-bound (items read exactly once).
 * larger B: "broadcast" tiles, 4 rows x 16 queries (queries transposed once per call), one coordinate
   of a row broadcast against 8 queries per FMA: finished dots in the accumulators, no horizontal sums,
   so close to the FMA peak; faster than OpenBLAS sgemm on the AVX2 host it was tuned on
@@ -143,13 +144,16 @@ def _fused_sum(queries, q0, items, sel, bands, flt):
 @njit(nogil=True, cache=True)
 def _sum_part(queries, q0, items, lo, hi, p, sel, bands, flt):
     """One part of _fused_sum, in row blocks that stay in L2: query pairs take two 4x2 tiles per 8 rows,
-    an odd last query an 8x1 tile, so a lone query costs ~1 FMA per loaded float and stays memory-bound.
+    an odd last query an 8x1 tile; a block of one query goes row by row (_rows_part1).
 
     Kept out of the prange body and split into one function per tile shape: with both shapes in one
     loop nest the 8x1 loop ran slower (register allocation), which shows at B = 1
     (benchmarks/RESULTS.md, 'Figures behind design choices').
     """
     nq = sel[2].shape[0]
+    if nq == 1:  # a lone query: row by row (see _row_dots1)
+        _rows_part1(queries, q0, items, lo, hi, p, sel, bands, flt)
+        return
     gates = np.full(nq, -np.inf, dtype=np.float32)
     sums = np.empty(8, dtype=np.float32)
     for r0 in range(lo, hi, _ROW_BLOCK):
@@ -163,6 +167,32 @@ def _sum_part(queries, q0, items, lo, hi, p, sel, bands, flt):
         for r in range(tiled, r1):  # < 8 rows left in the block
             for b in range(q0, q0 + nq):
                 _take_one(_dot32(queries[b], items[r]), r, b, b - q0, p, gates, sel, queries, items, bands, flt)
+
+
+@njit(fastmath=_FAST, nogil=True, cache=True)
+def _row_dots1(queries, b, items, r0, r1, out):
+    """out[i] = float32 dot of query b and row r0 + i, for the gate only: one row after the other, each dot
+    vectorised along d, so a lone query streams the matrix in order. The 8x1 sum tile (8 rows side by side)
+    read a matrix out of DRAM at less than half this rate on one core (100k x 128: 5.1 ms against 2.1 ms).
+    Scoring 2-4 queries row by row lost to the 4x2 sum tiles in cache, so only a lone query comes here."""
+    d = queries.shape[1]
+    for i in range(r1 - r0):
+        s = np.float32(0.0)
+        for j in range(d):
+            s += queries[b, j] * items[r0 + i, j]
+        out[i] = s
+
+
+@njit(nogil=True, cache=True)
+def _rows_part1(queries, b, items, lo, hi, p, sel, bands, flt):
+    """A lone query b (slot 0 of sel) over rows lo .. hi: gate scores of a row block into a small buffer, then
+    the vectorised gate scan of it (_scan: appends, compacts, shares the gate with the other parts)."""
+    buf = np.empty(_ROW_BLOCK, dtype=np.float32)
+    gate = np.float32(-np.inf)
+    for r0 in range(lo, hi, _ROW_BLOCK):
+        r1 = min(hi, r0 + _ROW_BLOCK)
+        _row_dots1(queries, b, items, r0, r1, buf)
+        gate = _scan(buf, 0, r1 - r0, r0, 0, p, b, True, queries, items, sel, gate, bands[b], flt)
 
 
 @njit(nogil=True, cache=True)
